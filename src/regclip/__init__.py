@@ -1,0 +1,64 @@
+"""regclip: regulated clipping (GRPO-Guard) for RL fine-tuning of flow-matching generators.
+
+Swap one loss::
+
+    import regclip
+    loss_fn = regclip.presets.grpo_guard(sde="flow")
+    out = loss_fn(advantages=adv, mean=mu, old_mean=mu_old, next_sample=x_next, std=s, dt=dt)
+    out.loss.backward(); log(out.metrics)
+"""
+
+from . import presets
+from .advantages import group_advantages
+from .batch import TransitionBatch
+from .diagnostics import METRIC_NAMES, TimestepDiagnostics, calibrate_clip_range
+from .kernels import CPS, DanceSDE, FlowSDE, KernelStep, TransitionKernel, gaussian_log_prob, make_kernel
+from .loss import GuardedPPOLoss, KLPenalty, LossOutput
+from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
+from .reweight import (
+    CustomWeight,
+    DanceBetaWeight,
+    EqualizingWeight,
+    InverseDtWeight,
+    TimestepReweighter,
+    UniformWeight,
+)
+from .surrogate import AsymmetricClip, ClippedSurrogate, DualClip, NoClip, PPOClip, SurrogateOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CPS",
+    "METRIC_NAMES",
+    "AsymmetricClip",
+    "ClippedSurrogate",
+    "CustomWeight",
+    "DanceBetaWeight",
+    "DanceSDE",
+    "DualClip",
+    "EqualizingWeight",
+    "FlowSDE",
+    "GuardedPPOLoss",
+    "IdentityRatio",
+    "InverseDtWeight",
+    "KLPenalty",
+    "KernelStep",
+    "LossOutput",
+    "MeanRevisedRatio",
+    "NoClip",
+    "PPOClip",
+    "RatioNorm",
+    "RatioNormalizer",
+    "SurrogateOutput",
+    "TimestepDiagnostics",
+    "TimestepReweighter",
+    "TransitionBatch",
+    "TransitionKernel",
+    "UniformWeight",
+    "VelocityRatio",
+    "calibrate_clip_range",
+    "gaussian_log_prob",
+    "group_advantages",
+    "make_kernel",
+    "presets",
+]

@@ -1,0 +1,65 @@
+"""One shared input-validation helper: every public entry point checks its tensors here,
+so a bad input fails with an error that names the offending argument."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["as_batch", "check_finite", "check_same_batch", "require"]
+
+
+def require(value: Tensor | None, name: str, needed_by: str) -> Tensor:
+    """Return ``value`` or raise a ``ValueError`` saying which component needs ``name``."""
+    if value is None:
+        raise ValueError(f"`{name}` is required by {needed_by} but was not given")
+    return value
+
+
+def check_finite(value: Tensor, name: str) -> None:
+    """Raise if ``value`` holds NaN or infinity."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"`{name}` contains non-finite values (NaN or inf)")
+
+
+def check_same_batch(batch: int, value: Tensor, name: str) -> None:
+    """Raise if the leading dimension of ``value`` is not ``batch``."""
+    if value.ndim == 0 or value.shape[0] != batch:
+        raise ValueError(
+            f"`{name}` has shape {tuple(value.shape)}; expected batch size {batch} "
+            "in its first dimension"
+        )
+
+
+def as_batch(
+    value: Tensor | float,
+    name: str,
+    batch: int,
+    like: Tensor,
+    *,
+    sign: str | None = None,
+) -> Tensor:
+    """Broadcast a scalar or (B,) value to a float (B,) tensor on ``like``'s device.
+
+    ``sign`` is ``"positive"`` or ``"negative"`` to require a strict sign (a transition
+    std must be > 0; a step dt must be < 0 since sampling runs from t = 1 to t = 0).
+    """
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    tensor = torch.as_tensor(value, dtype=dtype, device=like.device)
+    if tensor.ndim == 0:
+        tensor = tensor.expand(batch)
+    elif tensor.ndim == 1 and tensor.shape[0] in (1, batch):
+        tensor = tensor.expand(batch)
+    else:
+        raise ValueError(
+            f"`{name}` has shape {tuple(tensor.shape)}; expected a scalar or shape ({batch},)"
+        )
+    check_finite(tensor, name)
+    if sign == "positive" and not bool((tensor > 0).all()):
+        raise ValueError(f"`{name}` must be > 0 everywhere (got min {tensor.min().item():.3g})")
+    if sign == "negative" and not bool((tensor < 0).all()):
+        raise ValueError(
+            f"`{name}` must be < 0 everywhere: sampling steps run from t = 1 (noise) to "
+            f"t = 0 (data), so dt = t_next - t is negative (got max {tensor.max().item():.3g})"
+        )
+    return tensor

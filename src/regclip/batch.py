@@ -1,0 +1,163 @@
+"""The validated inputs of one loss call: a batch of rollout transitions.
+
+:meth:`TransitionBatch.build` is the single place where user tensors are checked
+(batch sizes, finiteness, signs) and broadcast, so every component downstream can trust
+its inputs. Shapes: latents ``(B, ...)``, per-sample values ``(B,)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from ._validate import as_batch, check_finite, check_same_batch, require
+from .kernels import TransitionKernel
+
+__all__ = ["TransitionBatch"]
+
+
+@dataclass(frozen=True)
+class TransitionBatch:
+    """Rollout transitions x_t -> x_{t+dt} scored under the current and rollout policies."""
+
+    advantages: Tensor
+    """(B,) advantages (after any clipping)."""
+    std: Tensor
+    """(B,) transition std s_t = sigma_t sqrt(-dt) (not sigma_t)."""
+    dt: Tensor
+    """(B,) step sizes, negative."""
+    t: Tensor | None = None
+    """(B,) times (scheduler sigmas) of the step's start."""
+    mean: Tensor | None = None
+    """(B, ...) current policy's proposal mean (carries the gradient)."""
+    old_mean: Tensor | None = None
+    """(B, ...) rollout policy's proposal mean."""
+    next_sample: Tensor | None = None
+    """(B, ...) the rollout's draw x_{t+dt}."""
+    log_prob: Tensor | None = None
+    """(B,) current log-prob, upstream Gaussian mean-over-dims convention."""
+    old_log_prob: Tensor | None = None
+    """(B,) rollout log-prob, same convention."""
+    ref_mean: Tensor | None = None
+    """(B, ...) reference (pretrained) policy's proposal mean, for the KL term."""
+    kernel: TransitionKernel | None = None
+    """The transition kernel, when the loss has one."""
+
+    @cached_property
+    def slope(self) -> Tensor | None:
+        """(B,) the kernel's c_t = d mu / d v, when a kernel and ``t`` are known.
+
+        Computed on first use, so kernels that cannot evaluate a step (a Flow-SDE at
+        t = 1 without ``sigma_max``) only fail when a component needs the slope.
+        """
+        if self.kernel is None or self.t is None:
+            return None
+        return self.kernel.velocity_slope(self.t, self.dt)
+
+    @property
+    def has_means(self) -> bool:
+        """Whether the closed-form log-ratio can be computed (mean, old_mean, next_sample)."""
+        return None not in (self.mean, self.old_mean, self.next_sample)
+
+    @property
+    def has_log_probs(self) -> bool:
+        return self.log_prob is not None and self.old_log_prob is not None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        advantages: Tensor,
+        std: Tensor | float,
+        dt: Tensor | float,
+        t: Tensor | None = None,
+        mean: Tensor | None = None,
+        old_mean: Tensor | None = None,
+        next_sample: Tensor | None = None,
+        log_prob: Tensor | None = None,
+        old_log_prob: Tensor | None = None,
+        ref_mean: Tensor | None = None,
+        kernel: TransitionKernel | None = None,
+        validate: bool = True,
+    ) -> TransitionBatch:
+        """Check and broadcast the keyword tensors of a loss call.
+
+        With ``validate=False`` only the cheap shape checks run (no device synchronisation
+        for value checks): for tight training loops whose inputs are known to be good.
+        """
+        if advantages.ndim != 1:
+            raise ValueError(
+                f"`advantages` must have shape (B,), got {tuple(advantages.shape)}"
+            )
+        batch = advantages.shape[0]
+        if batch == 0:
+            raise ValueError("`advantages` is empty: the batch needs at least one sample")
+        latents = {"mean": mean, "old_mean": old_mean, "next_sample": next_sample, "ref_mean": ref_mean}
+        scalars = {"log_prob": log_prob, "old_log_prob": old_log_prob, "t": t}
+        reference_shape = next((v.shape for v in latents.values() if v is not None), None)
+        for name, value in latents.items():
+            if value is None:
+                continue
+            check_same_batch(batch, value, name)
+            if value.ndim < 2 or value.shape != reference_shape:
+                raise ValueError(
+                    f"`{name}` has shape {tuple(value.shape)}; every latent argument must "
+                    f"have the same shape (B, ...) with at least one latent dim, here "
+                    f"{tuple(reference_shape or ())}"
+                )
+        for name, value in scalars.items():
+            if value is not None and (value.ndim != 1 or value.shape[0] != batch):
+                raise ValueError(
+                    f"`{name}` must have shape ({batch},), got {tuple(value.shape)}"
+                )
+        if (log_prob is None) != (old_log_prob is None):
+            raise ValueError("`log_prob` and `old_log_prob` must be given together")
+        like = mean if mean is not None else advantages
+        if validate:
+            for name, value in {**latents, **scalars, "advantages": advantages}.items():
+                if value is not None:
+                    check_finite(value, name)
+        std_b = as_batch(std, "std", batch, like, sign="positive" if validate else None)
+        dt_b = as_batch(dt, "dt", batch, like, sign="negative" if validate else None)
+        t_b = None if t is None else t.to(std_b.dtype)
+        if validate and t_b is not None and not bool(((t_b > 0) & (t_b <= 1)).all()):
+            raise ValueError("`t` must lie in (0, 1] (t = 1 is pure noise, t = 0 data)")
+        return cls(
+            advantages=advantages.to(std_b.dtype),
+            std=std_b,
+            dt=dt_b,
+            t=t_b,
+            mean=mean,
+            old_mean=old_mean,
+            next_sample=next_sample,
+            log_prob=log_prob,
+            old_log_prob=old_log_prob,
+            ref_mean=ref_mean,
+            kernel=kernel,
+        )
+
+    def require_slope(self, needed_by: str) -> Tensor:
+        """The kernel's velocity slope c_t, or an error naming what is missing."""
+        if self.slope is None:
+            missing = "`t`" if self.t is None else "a `kernel`"
+            raise ValueError(
+                f"{needed_by} needs the kernel's velocity slope d mu / d v: give {missing} "
+                "(GuardedPPOLoss(kernel=...) and t= in the call)"
+            )
+        return self.slope
+
+    def require_means(self, needed_by: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean, old_mean, next_sample) or an error naming the first missing one."""
+        return (
+            require(self.mean, "mean", needed_by),
+            require(self.old_mean, "old_mean", needed_by),
+            require(self.next_sample, "next_sample", needed_by),
+        )
+
+    def compute_dtype(self) -> torch.dtype:
+        """At least float32: log-ratios of 1e-5 must not drown in bf16 rounding."""
+        source = self.mean if self.mean is not None else self.std
+        return torch.promote_types(source.dtype, torch.float32)

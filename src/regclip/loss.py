@@ -1,0 +1,208 @@
+r"""``GuardedPPOLoss``: ratio normalizer + timestep reweighter + clipped surrogate.
+
+For a batch of transitions (one per sample, any mix of timesteps)
+
+.. math::
+
+    L = \frac1B \sum_i w_{t_i}\, \ell\big(r_i, \mathrm{clip}(A_i, \pm a)\big)
+        + \beta \frac1B \sum_i \mathrm{KL}_i,
+
+with ``r`` the normalizer's log-ratio, ``w`` the reweighter's weight, ``l`` the surrogate and
+the optional KL to a reference policy's mean (:class:`KLPenalty`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .batch import TransitionBatch
+from .diagnostics import metric_tensors
+from .kernels import TransitionKernel
+from .ratio import IdentityRatio, RatioNormalizer
+from .reweight import TimestepReweighter, UniformWeight
+from .surrogate import ClippedSurrogate, PPOClip
+
+__all__ = ["GuardedPPOLoss", "KLPenalty", "LossOutput"]
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Result of one :class:`GuardedPPOLoss` call."""
+
+    loss: Tensor
+    """0-d tensor to ``backward()``."""
+    log_ratio: Tensor
+    """(B,) the normalized log-ratio (with grad)."""
+    ratio: Tensor
+    """(B,) exp(log_ratio)."""
+    clipped: Tensor
+    """(B,) bool: the sample's gradient was zeroed by clipping."""
+    weight: Tensor
+    """(B,) timestep weights."""
+    advantages: Tensor
+    """(B,) advantages after clipping."""
+    clip_bounds: tuple[float | None, float | None]
+    """(low, high) clip ranges of the surrogate."""
+    metric_tensors: dict[str, Tensor] = field(repr=False)
+    """The metrics as 0-d tensors (no device synchronisation)."""
+
+    @cached_property
+    def metrics(self) -> dict[str, float]:
+        """Flat dict of floats with the stable names of :mod:`regclip.diagnostics`.
+
+        Computed on first access with a single device synchronisation.
+        """
+        names = list(self.metric_tensors)
+        values = torch.stack([self.metric_tensors[n].float() for n in names]).tolist()
+        return dict(zip(names, values, strict=True))
+
+
+class KLPenalty(nn.Module):
+    r"""``coef * mean_D((mu_theta - mu_ref)^2) / (2 var)``, the KL between the current and
+    reference transition Gaussians (same std), averaged over latent dims.
+
+    ``variance="transition"`` uses the true transition variance ``s_t^2``;
+    ``variance="sigma"`` uses ``sigma_t^2 = s_t^2 / |dt|``, which is what Flow-GRPO's
+    ``train_sd3.py`` divides by (its ``std_dev_t`` is sigma_t), so a ``beta`` tuned there
+    means the same here.
+    """
+
+    def __init__(self, coef: float, variance: Literal["transition", "sigma"] = "transition") -> None:
+        super().__init__()
+        if coef < 0:
+            raise ValueError(f"KL `coef` must be >= 0, got {coef}")
+        if variance not in ("transition", "sigma"):
+            raise ValueError(f"`variance` must be 'transition' or 'sigma', got {variance!r}")
+        self.coef = coef
+        self.variance = variance
+
+    def extra_repr(self) -> str:
+        return f"coef={self.coef}, variance={self.variance!r}"
+
+    def forward(self, batch: TransitionBatch) -> Tensor:
+        """(B,) per-sample KL (before ``coef``)."""
+        if batch.mean is None or batch.ref_mean is None:
+            raise ValueError("the KL penalty needs `mean` and `ref_mean`")
+        dtype = batch.compute_dtype()
+        delta = batch.mean.to(dtype) - batch.ref_mean.detach().to(dtype)
+        var = batch.std.to(dtype) ** 2
+        if self.variance == "sigma":
+            var = var / batch.dt.to(dtype).abs()
+        return (delta**2).mean(dim=tuple(range(1, delta.ndim))) / (2 * var)
+
+
+class GuardedPPOLoss(nn.Module):
+    """A PPO-style policy loss for flow-matching GRPO, built from swappable parts.
+
+    Args:
+        normalizer: how the log-ratio is formed (:mod:`regclip.ratio`); default vanilla.
+        reweighter: per-timestep weight (:mod:`regclip.reweight`); default uniform.
+        surrogate: clipped surrogate (:mod:`regclip.surrogate`); default PPO clip 1e-4.
+        kernel: the transition kernel, needed by :func:`regclip.ratio.VelocityRatio` and
+            :class:`regclip.reweight.EqualizingWeight` (for its velocity slope).
+        adv_clip: clamp advantages to ``[-adv_clip, adv_clip]`` (``None``: no clamp).
+        kl: optional :class:`KLPenalty`; the call then needs ``ref_mean``.
+        validate: check values (finite, signs) on every call; shape checks always run.
+
+    Call with keyword tensors (see :class:`regclip.batch.TransitionBatch`): ``advantages``
+    (B,), ``mean``/``old_mean``/``next_sample`` (B, ...), ``std`` and ``dt`` ((B,) or
+    scalar), and optionally ``t`` (B,), ``log_prob``/``old_log_prob`` (B,) in the upstream
+    mean-over-dims Gaussian convention, ``ref_mean`` (B, ...). Returns :class:`LossOutput`.
+    """
+
+    def __init__(
+        self,
+        normalizer: RatioNormalizer | None = None,
+        reweighter: TimestepReweighter | None = None,
+        surrogate: ClippedSurrogate | None = None,
+        *,
+        kernel: TransitionKernel | None = None,
+        adv_clip: float | None = None,
+        kl: KLPenalty | None = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        if adv_clip is not None and adv_clip <= 0:
+            raise ValueError(f"`adv_clip` must be > 0, got {adv_clip}")
+        self.normalizer = normalizer if normalizer is not None else IdentityRatio()
+        self.reweighter = reweighter if reweighter is not None else UniformWeight()
+        self.surrogate = surrogate if surrogate is not None else PPOClip(1e-4)
+        self.kernel = kernel
+        self.adv_clip = adv_clip
+        self.kl = kl
+        self.validate = validate
+
+    def extra_repr(self) -> str:
+        return f"adv_clip={self.adv_clip}, validate={self.validate}"
+
+    def forward(
+        self,
+        *,
+        advantages: Tensor,
+        std: Tensor | float,
+        dt: Tensor | float,
+        mean: Tensor | None = None,
+        old_mean: Tensor | None = None,
+        next_sample: Tensor | None = None,
+        t: Tensor | None = None,
+        log_prob: Tensor | None = None,
+        old_log_prob: Tensor | None = None,
+        ref_mean: Tensor | None = None,
+    ) -> LossOutput:
+        if self.kl is not None and ref_mean is None:
+            raise ValueError("this loss has a KL penalty: pass `ref_mean`")
+        batch = TransitionBatch.build(
+            advantages=advantages,
+            std=std,
+            dt=dt,
+            t=t,
+            mean=mean,
+            old_mean=old_mean,
+            next_sample=next_sample,
+            log_prob=log_prob,
+            old_log_prob=old_log_prob,
+            ref_mean=ref_mean,
+            kernel=self.kernel,
+            validate=self.validate,
+        )
+        raw_adv = batch.advantages
+        adv = raw_adv if self.adv_clip is None else raw_adv.clamp(-self.adv_clip, self.adv_clip)
+        log_ratio = self.normalizer(batch)
+        weight = self.reweighter(batch, self.normalizer).to(log_ratio.dtype)
+        out = self.surrogate(log_ratio, adv.to(log_ratio.dtype))
+        policy_loss = (weight * out.loss).mean()
+        kl = None
+        loss = policy_loss
+        if self.kl is not None:
+            kl = self.kl(batch).mean()
+            loss = policy_loss + self.kl.coef * kl
+        bounds = (self.surrogate.low, self.surrogate.high)
+        metrics = metric_tensors(
+            loss=loss,
+            policy_loss=policy_loss,
+            kl=kl,
+            log_ratio=log_ratio,
+            ratio=out.ratio,
+            clipped=out.clipped,
+            dual_clipped=out.dual_clipped,
+            advantages=adv,
+            raw_advantages=raw_adv,
+            weight=weight,
+            low=bounds[0],
+            high=bounds[1],
+        )
+        return LossOutput(
+            loss=loss,
+            log_ratio=log_ratio,
+            ratio=out.ratio,
+            clipped=out.clipped,
+            weight=weight,
+            advantages=adv,
+            clip_bounds=bounds,
+            metric_tensors=metrics,
+        )

@@ -1,0 +1,101 @@
+r"""Clipped surrogates: per-sample policy loss from a (normalized) log-ratio and advantages.
+
+With ``rho = exp(r)`` and advantage ``A``, the PPO family minimises
+
+.. math:: \ell = \max\big(-A\rho,\; -A\,\mathrm{clip}(\rho, 1-\epsilon_{lo}, 1+\epsilon_{hi})\big),
+
+whose gradient is zero exactly where clipping binds: ``A > 0`` and ``rho > 1 + eps_hi``, or
+``A < 0`` and ``rho < 1 - eps_lo``. Dual clip (Ye et al., 2020) also caps the loss of a
+negative-advantage sample at ``-c A``, zeroing its gradient once ``rho > c``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AsymmetricClip", "ClippedSurrogate", "DualClip", "NoClip", "PPOClip", "SurrogateOutput"]
+
+
+@dataclass(frozen=True)
+class SurrogateOutput:
+    loss: Tensor
+    """(B,) per-sample surrogate loss."""
+    ratio: Tensor
+    """(B,) exp(r)."""
+    clipped: Tensor
+    """(B,) bool: clipping (or dual clipping) zeroed this sample's gradient."""
+    dual_clipped: Tensor
+    """(B,) bool: the dual clip bound (subset of ``clipped``)."""
+
+
+class ClippedSurrogate(nn.Module):
+    """``max(-A rho, -A clip(rho, 1 - low, 1 + high))``, optionally dual-clipped.
+
+    ``low``/``high`` of ``None`` disable that side; ``dual`` (> 1) caps negative-advantage
+    losses at ``-dual * A``.
+    """
+
+    def __init__(
+        self, low: float | None, high: float | None, dual: float | None = None
+    ) -> None:
+        super().__init__()
+        for name, value in (("low", low), ("high", high)):
+            if value is not None and not value > 0:
+                raise ValueError(f"clip range `{name}` must be > 0, got {value}")
+        if low is not None and low >= 1:
+            raise ValueError(f"clip range `low` must be < 1 (ratio stays positive), got {low}")
+        if dual is not None and not dual > 1:
+            raise ValueError(f"`dual` must be > 1, got {dual}")
+        self.low = low
+        self.high = high
+        self.dual = dual
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}, dual={self.dual}"
+
+    def forward(self, log_ratio: Tensor, advantages: Tensor) -> SurrogateOutput:
+        ratio = torch.exp(log_ratio)
+        unclipped = -advantages * ratio
+        lower = None if self.low is None else 1.0 - self.low
+        upper = None if self.high is None else 1.0 + self.high
+        if lower is None and upper is None:
+            loss = unclipped
+        else:
+            loss = torch.maximum(unclipped, -advantages * torch.clamp(ratio, lower, upper))
+        with torch.no_grad():
+            clipped = torch.zeros_like(ratio, dtype=torch.bool)
+            if upper is not None:
+                clipped |= (advantages > 0) & (ratio > upper)
+            if lower is not None:
+                clipped |= (advantages < 0) & (ratio < lower)
+            dual_clipped = torch.zeros_like(clipped)
+        if self.dual is not None:
+            cap = -self.dual * advantages
+            loss = torch.where(advantages < 0, torch.minimum(loss, cap), loss)
+            with torch.no_grad():
+                dual_clipped = (advantages < 0) & (ratio > self.dual)
+                clipped = clipped | dual_clipped
+        return SurrogateOutput(loss, ratio, clipped, dual_clipped)
+
+
+def PPOClip(clip_range: float) -> ClippedSurrogate:
+    """Symmetric PPO clip ``[1 - eps, 1 + eps]`` (Flow-GRPO, DanceGRPO, GRPO-Guard)."""
+    return ClippedSurrogate(clip_range, clip_range)
+
+
+def AsymmetricClip(low: float, high: float) -> ClippedSurrogate:
+    """Clip-higher (DAPO-style): ``[1 - low, 1 + high]`` with its own upper range."""
+    return ClippedSurrogate(low, high)
+
+
+def DualClip(clip_range: float, dual: float = 3.0) -> ClippedSurrogate:
+    """PPO clip plus the dual bound ``-dual * A`` on negative-advantage losses."""
+    return ClippedSurrogate(clip_range, clip_range, dual=dual)
+
+
+def NoClip() -> ClippedSurrogate:
+    """Plain importance-weighted policy gradient ``-A rho`` (no clipping)."""
+    return ClippedSurrogate(None, None)
