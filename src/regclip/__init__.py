@@ -12,7 +12,15 @@ from . import presets
 from .advantages import group_advantages
 from .batch import TransitionBatch
 from .diagnostics import METRIC_NAMES, TimestepDiagnostics, calibrate_clip_range
-from .kernels import CPS, DanceSDE, FlowSDE, KernelStep, TransitionKernel, gaussian_log_prob, make_kernel
+from .kernels import (
+    CPS,
+    DanceSDE,
+    FlowSDE,
+    KernelStep,
+    TransitionKernel,
+    gaussian_log_prob,
+    make_kernel,
+)
 from .loss import GuardedPPOLoss, KLPenalty, LossOutput
 from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
 from .reweight import (

@@ -30,4 +30,4 @@ F = TypeVar("F", bound=Callable[..., object])
 
 def typechecked(fn: F) -> F:
     """Check the jaxtyping shape annotations of ``fn`` at run time with beartype."""
-    return jaxtyped(typechecker=beartype)(fn)  # type: ignore[no-any-return]
+    return jaxtyped(typechecker=beartype)(fn)

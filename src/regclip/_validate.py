@@ -38,23 +38,24 @@ def as_batch(
     like: Tensor,
     *,
     sign: str | None = None,
+    finite: bool = True,
 ) -> Tensor:
     """Broadcast a scalar or (B,) value to a float (B,) tensor on ``like``'s device.
 
     ``sign`` is ``"positive"`` or ``"negative"`` to require a strict sign (a transition
     std must be > 0; a step dt must be < 0 since sampling runs from t = 1 to t = 0).
+    ``finite=False`` skips the finiteness check (and its device synchronisation).
     """
     dtype = torch.promote_types(like.dtype, torch.float32)
     tensor = torch.as_tensor(value, dtype=dtype, device=like.device)
-    if tensor.ndim == 0:
-        tensor = tensor.expand(batch)
-    elif tensor.ndim == 1 and tensor.shape[0] in (1, batch):
+    if tensor.ndim == 0 or (tensor.ndim == 1 and tensor.shape[0] in (1, batch)):
         tensor = tensor.expand(batch)
     else:
         raise ValueError(
             f"`{name}` has shape {tuple(tensor.shape)}; expected a scalar or shape ({batch},)"
         )
-    check_finite(tensor, name)
+    if finite:
+        check_finite(tensor, name)
     if sign == "positive" and not bool((tensor > 0).all()):
         raise ValueError(f"`{name}` must be > 0 everywhere (got min {tensor.min().item():.3g})")
     if sign == "negative" and not bool((tensor < 0).all()):

@@ -84,7 +84,9 @@ def group_advantages(
     ddof = 1 if unbiased else 0
     if std == "group":
         sq = torch.zeros_like(counts).index_add_(0, inverse, centered**2)
-        group_std = torch.where(counts > ddof, sq / (counts - ddof).clamp(min=1), torch.zeros_like(sq)).sqrt()
+        group_std = torch.where(
+            counts > ddof, sq / (counts - ddof).clamp(min=1), torch.zeros_like(sq)
+        ).sqrt()
         scale = group_std[inverse]
     else:
         scale = values.std(unbiased=unbiased) if values.numel() > ddof else values.new_zeros(())

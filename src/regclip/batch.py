@@ -3,10 +3,15 @@
 :meth:`TransitionBatch.build` is the single place where user tensors are checked
 (batch sizes, finiteness, signs) and broadcast, so every component downstream can trust
 its inputs. Shapes: latents ``(B, ...)``, per-sample values ``(B,)``.
+
+Old means need not be stored: the rollout draw is ``next_sample = old_mean + s * noise``,
+so ``build(noise=...)`` (the rollout's standard-normal draw, regenerated from seeds with
+:mod:`regclip.replay`) derives ``old_mean = next_sample - s * noise``.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -15,8 +20,21 @@ from torch import Tensor
 
 from ._validate import as_batch, check_finite, check_same_batch, require
 from .kernels import TransitionKernel
+from .replay import old_mean_from_noise
 
-__all__ = ["TransitionBatch"]
+__all__ = ["LowPrecisionOldMeanWarning", "TransitionBatch"]
+
+
+class LowPrecisionOldMeanWarning(UserWarning):
+    """Old means stored in 16-bit floats: the guard's bias term is then rounding noise.
+
+    At the rollout point the log-ratio should be 0; a bf16 old mean with rounding error
+    ``e`` (relative 2^-9) adds ``mean_D(e^2) / (2 s^2)`` to the vanilla log-ratio and
+    ``mean_D(e^2) / s`` to RatioNorm's, easily above the clip range at small ``s``.
+    """
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -82,20 +100,42 @@ class TransitionBatch:
         ref_mean: Tensor | None = None,
         kernel: TransitionKernel | None = None,
         validate: bool = True,
+        noise: Tensor | None = None,
     ) -> TransitionBatch:
         """Check and broadcast the keyword tensors of a loss call.
 
         With ``validate=False`` only the cheap shape checks run (no device synchronisation
         for value checks): for tight training loops whose inputs are known to be good.
+
+        ``noise`` (B, ...), the rollout's standard-normal draw, replaces ``old_mean``:
+        ``old_mean = next_sample - std * noise`` in at least float32 (give one, not both).
+        A 16-bit ``old_mean`` triggers a :class:`LowPrecisionOldMeanWarning`.
         """
         if advantages.ndim != 1:
-            raise ValueError(
-                f"`advantages` must have shape (B,), got {tuple(advantages.shape)}"
-            )
+            raise ValueError(f"`advantages` must have shape (B,), got {tuple(advantages.shape)}")
         batch = advantages.shape[0]
         if batch == 0:
             raise ValueError("`advantages` is empty: the batch needs at least one sample")
-        latents = {"mean": mean, "old_mean": old_mean, "next_sample": next_sample, "ref_mean": ref_mean}
+        if noise is not None and (old_mean is not None or next_sample is None):
+            raise ValueError(
+                "`noise` replaces `old_mean` (old_mean = next_sample - std * noise): give "
+                "`next_sample` and `noise`, not `old_mean`"
+            )
+        if old_mean is not None and old_mean.dtype in _LOW_PRECISION:
+            warnings.warn(
+                f"`old_mean` is {old_mean.dtype}: its rounding error biases the log-ratio "
+                "by mean(e^2) / (2 s^2), often more than the clip range. Store old means "
+                "in float32, or pass the rollout `noise` (regclip.replay) instead.",
+                LowPrecisionOldMeanWarning,
+                stacklevel=3,
+            )
+        latents = {
+            "mean": mean,
+            "old_mean": old_mean,
+            "next_sample": next_sample,
+            "ref_mean": ref_mean,
+            "noise": noise,
+        }
         scalars = {"log_prob": log_prob, "old_log_prob": old_log_prob, "t": t}
         reference_shape = next((v.shape for v in latents.values() if v is not None), None)
         for name, value in latents.items():
@@ -110,9 +150,7 @@ class TransitionBatch:
                 )
         for name, value in scalars.items():
             if value is not None and (value.ndim != 1 or value.shape[0] != batch):
-                raise ValueError(
-                    f"`{name}` must have shape ({batch},), got {tuple(value.shape)}"
-                )
+                raise ValueError(f"`{name}` must have shape ({batch},), got {tuple(value.shape)}")
         if (log_prob is None) != (old_log_prob is None):
             raise ValueError("`log_prob` and `old_log_prob` must be given together")
         like = mean if mean is not None else advantages
@@ -120,11 +158,18 @@ class TransitionBatch:
             for name, value in {**latents, **scalars, "advantages": advantages}.items():
                 if value is not None:
                     check_finite(value, name)
-        std_b = as_batch(std, "std", batch, like, sign="positive" if validate else None)
-        dt_b = as_batch(dt, "dt", batch, like, sign="negative" if validate else None)
+        std_b = as_batch(
+            std, "std", batch, like, sign="positive" if validate else None, finite=validate
+        )
+        dt_b = as_batch(
+            dt, "dt", batch, like, sign="negative" if validate else None, finite=validate
+        )
         t_b = None if t is None else t.to(std_b.dtype)
         if validate and t_b is not None and not bool(((t_b > 0) & (t_b <= 1)).all()):
             raise ValueError("`t` must lie in (0, 1] (t = 1 is pure noise, t = 0 data)")
+        if noise is not None:
+            assert next_sample is not None
+            old_mean = old_mean_from_noise(next_sample.detach(), std_b, noise)
         return cls(
             advantages=advantages.to(std_b.dtype),
             std=std_b,

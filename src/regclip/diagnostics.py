@@ -146,11 +146,25 @@ class TimestepDiagnostics:
 
     # ratio statistics accumulate (ratio - 1) in float64: ratios within 1e-5 of 1 would
     # lose their variance to cancellation in sum(ratio^2) - n mean^2 otherwise.
-    _FIELDS = ("n", "ratio_dev", "ratio_dev_sq", "log_ratio", "log_ratio_sq", "n_pos", "n_neg",
-               "pos_high", "pos_low", "neg_low", "neg_high", "clipped")
+    _FIELDS = (
+        "n",
+        "ratio_dev",
+        "ratio_dev_sq",
+        "log_ratio",
+        "log_ratio_sq",
+        "n_pos",
+        "n_neg",
+        "pos_high",
+        "pos_low",
+        "neg_low",
+        "neg_high",
+        "clipped",
+    )
 
     def __init__(self) -> None:
-        self._sums: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(self._FIELDS, 0.0))
+        self._sums: dict[int, dict[str, float]] = defaultdict(
+            lambda: dict.fromkeys(self._FIELDS, 0.0)
+        )
 
     def reset(self) -> None:
         self._sums.clear()

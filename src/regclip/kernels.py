@@ -98,7 +98,9 @@ class TransitionKernel(nn.Module, ABC):
         """(B,) log-density of ``next_sample`` (upstream mean-over-dims convention)."""
         return gaussian_log_prob(next_sample, mean, std)
 
-    def _times(self, sample: Tensor, t: Tensor | float, dt: Tensor | float) -> tuple[Tensor, Tensor]:
+    def _times(
+        self, sample: Tensor, t: Tensor | float, dt: Tensor | float
+    ) -> tuple[Tensor, Tensor]:
         batch = sample.shape[0]
         t_b = as_batch(t, "t", batch, sample, sign="positive")
         if bool((t_b > 1).any()):
@@ -212,7 +214,9 @@ class FlowSDE(TransitionKernel):
     def mean(self, sample: Tensor, velocity: Tensor, t: Tensor, dt: Tensor) -> Tensor:
         sig2 = _per_sample(self.sigma(t) ** 2, sample)
         t_, dt_ = _per_sample(t, sample), _per_sample(dt, sample)
-        return sample * (1 + sig2 / (2 * t_) * dt_) + velocity * (1 + sig2 * (1 - t_) / (2 * t_)) * dt_
+        return (
+            sample * (1 + sig2 / (2 * t_) * dt_) + velocity * (1 + sig2 * (1 - t_) / (2 * t_)) * dt_
+        )
 
     def velocity_slope(self, t: Tensor, dt: Tensor) -> Tensor:
         return self._beta(t) * dt
@@ -299,7 +303,9 @@ class CPS(TransitionKernel):
         return -_reduce_dims((next_sample.detach().to(mean.dtype) - mean) ** 2)
 
 
-def make_kernel(sde: str, eta: float | None = None, sigma_max: float | None = None) -> TransitionKernel:
+def make_kernel(
+    sde: str, eta: float | None = None, sigma_max: float | None = None
+) -> TransitionKernel:
     """Build a kernel by name: ``"flow"`` (Flow-SDE), ``"dance"`` (Dance-SDE) or ``"cps"``.
 
     ``eta`` defaults to each upstream's default noise level (0.7, 0.3, 0.7).

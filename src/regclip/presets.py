@@ -75,8 +75,13 @@ def flow_grpo(
     The KL term (``kl_coef`` is upstream's ``beta``) divides by sigma_t^2 as upstream does.
     """
     return _build(
-        IdentityRatio(), UniformWeight(), clip_range=clip_range, adv_clip=adv_clip,
-        kernel=None, kl_coef=kl_coef, kl_variance="sigma",
+        IdentityRatio(),
+        UniformWeight(),
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kernel=None,
+        kl_coef=kl_coef,
+        kl_variance="sigma",
     )
 
 
@@ -89,30 +94,50 @@ def dance_grpo(
     that is a constant of the trainer's accumulation, not of the loss.
     """
     return _build(
-        IdentityRatio(), UniformWeight(), clip_range=clip_range, adv_clip=adv_clip,
-        kernel=None, kl_coef=kl_coef,
+        IdentityRatio(),
+        UniformWeight(),
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kernel=None,
+        kl_coef=kl_coef,
     )
 
 
 def mean_revised(
-    sde: SDE = "flow", clip_range: float = 1e-4, adv_clip: float | None = 5.0,
-    eta: float | None = None, kl_coef: float = 0.0, kernel: TransitionKernel | None = None,
+    sde: SDE = "flow",
+    clip_range: float = 1e-4,
+    adv_clip: float | None = 5.0,
+    eta: float | None = None,
+    kl_coef: float = 0.0,
+    kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
     """Ablation: bias removed (``log rho + b_t``), scale and weights untouched."""
     return _build(
-        MeanRevisedRatio(), UniformWeight(), clip_range=clip_range, adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta), kl_coef=kl_coef,
+        MeanRevisedRatio(),
+        UniformWeight(),
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kernel=kernel or make_kernel(sde, eta),
+        kl_coef=kl_coef,
     )
 
 
 def ratio_norm(
-    sde: SDE = "flow", clip_range: float = 2e-6, adv_clip: float | None = 5.0,
-    eta: float | None = None, kl_coef: float = 0.0, kernel: TransitionKernel | None = None,
+    sde: SDE = "flow",
+    clip_range: float = 2e-6,
+    adv_clip: float | None = 5.0,
+    eta: float | None = None,
+    kl_coef: float = 0.0,
+    kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
     """Ablation: RatioNorm (bias and scale) without timestep reweighting."""
     return _build(
-        RatioNorm(), UniformWeight(), clip_range=clip_range, adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta), kl_coef=kl_coef,
+        RatioNorm(),
+        UniformWeight(),
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kernel=kernel or make_kernel(sde, eta),
+        kl_coef=kl_coef,
     )
 
 
@@ -140,22 +165,36 @@ def grpo_guard(
         "equalizing": EqualizingWeight(),
     }
     if reweight not in weights:
-        raise ValueError(f"`reweight` must be 'auto', 'inverse_dt' or 'equalizing', got {reweight!r}")
+        raise ValueError(
+            f"`reweight` must be 'auto', 'inverse_dt' or 'equalizing', got {reweight!r}"
+        )
     return _build(
-        RatioNorm(), weights[reweight], clip_range=clip_range, adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta), kl_coef=kl_coef,
+        RatioNorm(),
+        weights[reweight],
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kernel=kernel or make_kernel(sde, eta),
+        kl_coef=kl_coef,
     )
 
 
 def velocity_guard(
-    sde: SDE = "flow", clip_range: float = 2e-5, adv_clip: float | None = 5.0,
-    eta: float | None = None, kl_coef: float = 0.0, kernel: TransitionKernel | None = None,
+    sde: SDE = "flow",
+    clip_range: float = 2e-5,
+    adv_clip: float | None = 5.0,
+    eta: float | None = None,
+    kl_coef: float = 0.0,
+    kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
     """Step-consistent guard: ``mean_D(eps Delta) / |c_t|`` (normalization and reweighting
     in one), no further weights. Needs ``t`` in the call."""
     return _build(
-        VelocityRatio(), UniformWeight(), clip_range=clip_range, adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta), kl_coef=kl_coef,
+        VelocityRatio(),
+        UniformWeight(),
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kernel=kernel or make_kernel(sde, eta),
+        kl_coef=kl_coef,
     )
 
 

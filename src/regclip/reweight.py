@@ -108,7 +108,9 @@ class CustomWeight(TimestepReweighter):
         self.fn = fn
 
     def forward(self, batch: TransitionBatch, normalizer: RatioNormalizer) -> Tensor:
-        weight = torch.as_tensor(self.fn(batch.t, batch.dt), dtype=batch.std.dtype, device=batch.std.device)
+        weight = torch.as_tensor(
+            self.fn(batch.t, batch.dt), dtype=batch.std.dtype, device=batch.std.device
+        )
         if weight.shape != batch.std.shape:
             raise ValueError(
                 f"the custom weight function returned shape {tuple(weight.shape)}, "

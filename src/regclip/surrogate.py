@@ -38,9 +38,7 @@ class ClippedSurrogate(nn.Module):
     losses at ``-dual * A``.
     """
 
-    def __init__(
-        self, low: float | None, high: float | None, dual: float | None = None
-    ) -> None:
+    def __init__(self, low: float | None, high: float | None, dual: float | None = None) -> None:
         super().__init__()
         for name, value in (("low", low), ("high", high)):
             if value is not None and not value > 0:
