@@ -72,7 +72,9 @@ class KLPenalty(nn.Module):
     means the same here.
     """
 
-    def __init__(self, coef: float, variance: Literal["transition", "sigma"] = "transition") -> None:
+    def __init__(
+        self, coef: float, variance: Literal["transition", "sigma"] = "transition"
+    ) -> None:
         super().__init__()
         if coef < 0:
             raise ValueError(f"KL `coef` must be >= 0, got {coef}")
@@ -108,11 +110,16 @@ class GuardedPPOLoss(nn.Module):
         adv_clip: clamp advantages to ``[-adv_clip, adv_clip]`` (``None``: no clamp).
         kl: optional :class:`KLPenalty`; the call then needs ``ref_mean``.
         validate: check values (finite, signs) on every call; shape checks always run.
+        fused: compute the closed-form log-ratio, surrogate, weights and metrics in one
+            Triton reduction per direction (:mod:`regclip.fused`) where it applies (CUDA,
+            means given, no KL); otherwise, and on CPU, this eager path runs.
 
     Call with keyword tensors (see :class:`regclip.batch.TransitionBatch`): ``advantages``
     (B,), ``mean``/``old_mean``/``next_sample`` (B, ...), ``std`` and ``dt`` ((B,) or
     scalar), and optionally ``t`` (B,), ``log_prob``/``old_log_prob`` (B,) in the upstream
-    mean-over-dims Gaussian convention, ``ref_mean`` (B, ...). Returns :class:`LossOutput`.
+    mean-over-dims Gaussian convention, ``ref_mean`` (B, ...), and ``noise`` (B, ...) in
+    place of ``old_mean`` (the rollout's draw, ``old_mean = next_sample - std * noise``; see
+    :mod:`regclip.replay`). Returns :class:`LossOutput`.
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class GuardedPPOLoss(nn.Module):
         adv_clip: float | None = None,
         kl: KLPenalty | None = None,
         validate: bool = True,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if adv_clip is not None and adv_clip <= 0:
@@ -136,9 +144,10 @@ class GuardedPPOLoss(nn.Module):
         self.adv_clip = adv_clip
         self.kl = kl
         self.validate = validate
+        self.fused = fused
 
     def extra_repr(self) -> str:
-        return f"adv_clip={self.adv_clip}, validate={self.validate}"
+        return f"adv_clip={self.adv_clip}, validate={self.validate}, fused={self.fused}"
 
     def forward(
         self,
@@ -153,9 +162,28 @@ class GuardedPPOLoss(nn.Module):
         log_prob: Tensor | None = None,
         old_log_prob: Tensor | None = None,
         ref_mean: Tensor | None = None,
+        noise: Tensor | None = None,
     ) -> LossOutput:
         if self.kl is not None and ref_mean is None:
             raise ValueError("this loss has a KL penalty: pass `ref_mean`")
+        if self.fused:
+            from .fused import fused_forward  # lazy: imports Triton only when asked for
+
+            result = fused_forward(
+                self,
+                advantages=advantages,
+                std=std,
+                dt=dt,
+                mean=mean,
+                old_mean=old_mean,
+                next_sample=next_sample,
+                t=t,
+                log_prob=log_prob,
+                old_log_prob=old_log_prob,
+                noise=noise,
+            )
+            if result is not None:
+                return result
         batch = TransitionBatch.build(
             advantages=advantages,
             std=std,
@@ -169,6 +197,7 @@ class GuardedPPOLoss(nn.Module):
             ref_mean=ref_mean,
             kernel=self.kernel,
             validate=self.validate,
+            noise=noise,
         )
         raw_adv = batch.advantages
         adv = raw_adv if self.adv_clip is None else raw_adv.clamp(-self.adv_clip, self.adv_clip)

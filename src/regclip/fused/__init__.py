@@ -1,0 +1,152 @@
+"""Fused guard loss: the closed-form log-ratio, bias, surrogate, reweighting and metrics in
+one Triton reduction kernel forward and one backward (:mod:`regclip.fused._kernels`).
+
+Use it through ``GuardedPPOLoss(..., fused=True)`` (or :func:`regclip.presets` losses with
+``loss.fused = True``). The fused path applies when
+
+* the inputs are CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) and Triton
+  imports,
+* the log-ratio comes from the means (``mean``, ``next_sample`` and ``old_mean`` or the
+  rollout ``noise``) in float32/bf16/fp16, and only ``mean`` requires a gradient,
+* the loss has no KL term and a plain :class:`regclip.ClippedSurrogate`;
+
+otherwise the eager PyTorch path runs (it is also the reference the tests compare against).
+Any normalizer and reweighter work: their per-sample scale and weight are computed eagerly
+(``(B,)`` tensors) and fed to the kernel. For CUDA-graph capture build the loss with
+``validate=False`` (value checks synchronise the device).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .._validate import check_finite
+from ..batch import TransitionBatch
+from ..surrogate import ClippedSurrogate
+
+if TYPE_CHECKING:
+    from ..loss import GuardedPPOLoss, LossOutput
+
+__all__ = ["fused_forward", "is_available", "supports"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_available(device: torch.device | str = "cuda") -> bool:
+    """Whether the Triton kernels can run on ``device``."""
+    from .function import interpreting
+
+    kind = torch.device(device).type
+    return _triton_imports() and (kind == "cuda" or (kind == "cpu" and interpreting()))
+
+
+def supports(
+    loss_fn: GuardedPPOLoss,
+    *,
+    mean: Tensor | None,
+    old_mean: Tensor | None,
+    next_sample: Tensor | None,
+    noise: Tensor | None,
+    extra: tuple[object, ...] = (),
+) -> bool:
+    """Whether :func:`fused_forward` handles this loss and call (see the module docstring)."""
+    from .function import MAX_BATCH
+
+    if mean is None or next_sample is None or (old_mean is None) == (noise is None):
+        return False
+    other = old_mean if noise is None else noise
+    assert other is not None
+    latents = (mean, other, next_sample)
+    return (
+        loss_fn.kl is None
+        and type(loss_fn.surrogate) is ClippedSurrogate
+        and loss_fn.normalizer.source != "log_prob"
+        and all(v.dtype in _DTYPES and v.device == mean.device for v in latents)
+        and mean.ndim >= 2
+        and 0 < mean.shape[0] <= MAX_BATCH
+        and not any(v.requires_grad for v in (other, next_sample))
+        and not any(isinstance(v, Tensor) and v.requires_grad for v in extra)
+        and is_available(mean.device)
+    )
+
+
+def fused_forward(
+    loss_fn: GuardedPPOLoss,
+    *,
+    advantages: Tensor,
+    std: Tensor | float,
+    dt: Tensor | float,
+    mean: Tensor | None,
+    old_mean: Tensor | None,
+    next_sample: Tensor | None,
+    t: Tensor | None = None,
+    log_prob: Tensor | None = None,
+    old_log_prob: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> LossOutput | None:
+    """``loss_fn``'s result through the fused kernels, or ``None`` where they do not apply.
+
+    Same keywords as :meth:`regclip.GuardedPPOLoss.forward` (``log_prob``/``old_log_prob``
+    are accepted and unused: the closed form needs only the means).
+    """
+    from ..loss import LossOutput
+    from .function import STAT_NAMES, SurrogateConfig, fused_guard
+
+    extra = (advantages, std, dt, t)
+    if not supports(
+        loss_fn, mean=mean, old_mean=old_mean, next_sample=next_sample, noise=noise, extra=extra
+    ):
+        return None
+    assert mean is not None and next_sample is not None
+    batch = TransitionBatch.build(
+        advantages=advantages, std=std, dt=dt, t=t, mean=mean, old_mean=old_mean,
+        next_sample=next_sample, kernel=loss_fn.kernel, validate=loss_fn.validate,
+    )  # fmt: skip
+    if noise is not None:
+        if noise.shape != mean.shape:
+            raise ValueError(
+                f"`noise` has shape {tuple(noise.shape)}, expected {tuple(mean.shape)}"
+            )
+        if loss_fn.validate:
+            check_finite(noise, "noise")
+    normalizer, surrogate = loss_fn.normalizer, loss_fn.surrogate
+    scale = normalizer.scale_factor(batch)
+    weight = loss_fn.reweighter(batch, normalizer)
+    if scale.requires_grad or weight.requires_grad:
+        return None
+    cfg = SurrogateConfig(
+        debias=normalizer.debias,
+        adv_clip=loss_fn.adv_clip,
+        lo_bound=None if surrogate.low is None else 1.0 - surrogate.low,
+        hi_bound=None if surrogate.high is None else 1.0 + surrogate.high,
+        dual=surrogate.dual,
+    )
+    other = old_mean if noise is None else noise
+    assert other is not None
+    loss, log_ratio, ratio, clipped, adv, stats = fused_guard(
+        mean, other, next_sample, batch.std, scale, weight, batch.advantages, cfg,
+        noise=noise is not None,
+    )  # fmt: skip
+    return LossOutput(
+        loss=loss,
+        log_ratio=log_ratio,
+        ratio=ratio,
+        clipped=clipped,
+        weight=weight.to(log_ratio.dtype),
+        advantages=adv,
+        clip_bounds=(surrogate.low, surrogate.high),
+        metric_tensors=dict(zip(STAT_NAMES, stats.unbind(0), strict=True)),
+    )

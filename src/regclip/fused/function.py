@@ -1,0 +1,192 @@
+"""The fused guard loss as a ``torch.autograd.Function`` around the Triton kernels.
+
+Shapes: ``mean``, ``other`` (the old mean, or the rollout noise when ``noise=True``) and
+``next_sample`` are ``(B, ...)`` and are read as ``(B, D)`` rows; ``std``, ``scale``,
+``weight``, ``advantages`` are float32 ``(B,)``. Only ``mean`` receives a gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..diagnostics import METRIC_NAMES
+
+__all__ = ["STAT_NAMES", "SurrogateConfig", "fused_guard"]
+
+STAT_NAMES: tuple[str, ...] = tuple(name for name in METRIC_NAMES if name != "loss/kl")
+"""The metrics the fused forward writes, in kernel order (no KL: the fused path has none)."""
+
+BLOCK = 1024
+"""Elements per tile of a reduction program (4 warps, 8 fp32 per thread)."""
+PROGRAMS_PER_SM = 4
+MAX_BATCH = 4096
+"""Largest batch the single finalize program handles; larger batches run eagerly."""
+
+
+@dataclass(frozen=True)
+class SurrogateConfig:
+    """Scalars of the normalizer and surrogate, baked into the kernels."""
+
+    debias: bool
+    adv_clip: float | None
+    lo_bound: float | None
+    """1 - low (None: no lower clip)."""
+    hi_bound: float | None
+    """1 + high (None: no upper clip)."""
+    dual: float | None
+    finalize_in_reduction: bool = True
+    """One forward launch (the last reduction program finalizes) or two launches."""
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _programs_target(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter runs programs one by one: few, long ones
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _chunking(batch: int, dim: int, device: torch.device) -> tuple[int, int]:
+    """(CHUNK, C): elements per program (a multiple of BLOCK) and programs per row."""
+    per_program = -(-batch * dim // _programs_target(device))
+    chunk = BLOCK * max(1, -(-per_program // BLOCK))
+    return chunk, -(-dim // chunk)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _forward(
+    mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, scale: Tensor,
+    weight: Tensor, advantages: Tensor, cfg: SurrogateConfig, noise: bool,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    from ._kernels import STAT_COUNT, guard_finalize_kernel, guard_forward_kernel
+
+    batch = mean.shape[0]
+    dim = mean.numel() // batch
+    chunk, chunks = _chunking(batch, dim, mean.device)
+    device = mean.device
+    work = torch.zeros(1 + 2 * batch * chunks, dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    log_ratio = torch.empty(batch, dtype=torch.float32, device=device)
+    ratio = torch.empty(batch, dtype=torch.float32, device=device)
+    clipped = torch.empty(batch, dtype=torch.bool, device=device)
+    adv_out = torch.empty(batch, dtype=torch.float32, device=device)
+    coef = torch.empty(3, batch, dtype=torch.float32, device=device)
+    stats = torch.empty(STAT_COUNT, dtype=torch.float32, device=device)
+    block_b = _next_pow2(batch)
+    block_c = min(_next_pow2(chunks), max(1, 2048 // block_b))
+    outputs = (loss, log_ratio, ratio, clipped, adv_out, coef, stats)
+    scalars = (
+        batch, chunks, 1.0 / dim, 1.0 / batch,
+        cfg.adv_clip or 0.0, cfg.lo_bound or 0.0, cfg.hi_bound or 0.0, cfg.dual or 0.0,
+    )  # fmt: skip
+    flags = dict(
+        DEBIAS=cfg.debias,
+        HAS_ADV_CLIP=cfg.adv_clip is not None,
+        HAS_LOW=cfg.lo_bound is not None,
+        HAS_HIGH=cfg.hi_bound is not None,
+        HAS_DUAL=cfg.dual is not None,
+        BLOCK_B=block_b,
+        BLOCK_C=block_c,
+    )
+    guard_forward_kernel[(chunks, batch)](
+        mean, other, next_sample, std, scale, weight, advantages, work, *outputs,
+        batch, chunks, dim, chunk, *scalars[2:],
+        NOISE=noise, FINALIZE=cfg.finalize_in_reduction, BLOCK=BLOCK, **flags,
+        num_warps=4,
+    )  # fmt: skip
+    if not cfg.finalize_in_reduction:
+        guard_finalize_kernel[(1,)](
+            work, std, scale, weight, advantages, *outputs, *scalars, **flags, num_warps=4
+        )
+    return outputs
+
+
+def _backward(
+    mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, coef: Tensor,
+    ratio: Tensor, grad_loss: Tensor | None, grad_log_ratio: Tensor | None,
+    grad_ratio: Tensor | None, noise: bool,
+) -> Tensor:  # fmt: skip
+    from ._kernels import guard_backward_kernel
+
+    batch = mean.shape[0]
+    dim = mean.numel() // batch
+    chunk, chunks = _chunking(batch, dim, mean.device)
+    grad = torch.empty_like(mean)
+    guard_backward_kernel[(chunks, batch)](
+        grad, mean, other, next_sample, std, coef, ratio,
+        coef if grad_loss is None else grad_loss,
+        coef if grad_log_ratio is None else grad_log_ratio.contiguous(),
+        coef if grad_ratio is None else grad_ratio.contiguous(),
+        batch, dim, chunk,
+        NOISE=noise,
+        HAS_GRAD_LOSS=grad_loss is not None,
+        HAS_GRAD_LOG_RATIO=grad_log_ratio is not None,
+        HAS_GRAD_RATIO=grad_ratio is not None,
+        BLOCK=BLOCK,
+        num_warps=4,
+    )  # fmt: skip
+    return grad
+
+
+class _FusedGuard(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor,
+        scale: Tensor, weight: Tensor, advantages: Tensor, cfg: SurrogateConfig, noise: bool,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        loss, log_ratio, ratio, clipped, adv_out, coef, stats = _forward(
+            mean, other, next_sample, std, scale, weight, advantages, cfg, noise
+        )
+        ctx.save_for_backward(mean, other, next_sample, std, coef, ratio)
+        ctx.noise = noise
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(clipped, adv_out, stats)
+        return loss, log_ratio, ratio, clipped, adv_out, stats
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_loss: Tensor | None, grad_log_ratio: Tensor | None,
+        grad_ratio: Tensor | None, *_: Any,
+    ) -> tuple[Tensor | None, ...]:  # fmt: skip
+        mean, other, next_sample, std, coef, ratio = ctx.saved_tensors
+        nothing = grad_loss is None and grad_log_ratio is None and grad_ratio is None
+        if nothing or not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        grad = _backward(
+            mean, other, next_sample, std, coef, ratio,
+            grad_loss, grad_log_ratio, grad_ratio, ctx.noise,
+        )  # fmt: skip
+        return (grad,) + (None,) * 8
+
+
+def fused_guard(
+    mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, scale: Tensor,
+    weight: Tensor, advantages: Tensor, cfg: SurrogateConfig, *, noise: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Fused closed-form guard loss.
+
+    Returns ``(loss, log_ratio, ratio, clipped, advantages_clipped, stats)``: a 0-d loss,
+    (B,) float32 log-ratio and ratio (both differentiable with respect to ``mean``), (B,)
+    bool clip mask, (B,) clipped advantages and the (len(STAT_NAMES),) metric vector.
+    ``other`` is the old mean, or the rollout noise when ``noise`` is true.
+    """
+    f32 = torch.float32
+    out = _FusedGuard.apply(
+        mean.contiguous(), other.contiguous(), next_sample.contiguous(),
+        std.to(f32).contiguous(), scale.to(f32).contiguous(), weight.to(f32).contiguous(),
+        advantages.to(f32).contiguous(), cfg, noise,
+    )  # fmt: skip
+    return tuple(out)
