@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -68,42 +63,3 @@ def test_bad_input_is_named():
         group_advantages(torch.zeros(3), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="`rewards`"):
         group_advantages(torch.tensor([0.0, float("nan")]), torch.zeros(2, dtype=torch.long))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rank_main(rank: int, world: int, port: int, rewards, ids, sizes, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        start = sum(sizes[:rank])
-        local = slice(start, start + sizes[rank])
-        queue.put((rank, group_advantages(rewards[local], ids[local], std="group")))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_gathered_advantages_across_two_gloo_ranks_equal_single_process():
-    """Uneven shards, groups split across ranks: each rank gets its slice of the global result."""
-    gen = torch.Generator().manual_seed(0)
-    rewards = torch.randn(13, generator=gen, dtype=torch.float64)
-    ids = torch.randint(0, 3, (13,), generator=gen)
-    sizes = [6, 7]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, 2, port, rewards, ids, sizes, queue))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    torch.testing.assert_close(torch.cat([results[0], results[1]]), group_advantages(rewards, ids))
