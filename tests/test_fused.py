@@ -1,0 +1,268 @@
+"""The fused guard loss (regclip.fused) computes the eager loss: values, gradients, metrics.
+
+The Triton kernels run on CUDA (tests marked ``gpu``) and, on CPU, under Triton's
+interpreter (``TRITON_INTERPRET=1`` with Triton installed); elsewhere the eager fallback is
+checked. The eager :class:`regclip.GuardedPPOLoss` path is the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import regclip
+from regclip import fused, presets
+
+PRESETS = ("flow_grpo", "mean_revised", "ratio_norm", "grpo_guard", "velocity_guard")
+
+DEVICES = [
+    pytest.param("cuda", marks=pytest.mark.gpu),
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not fused.is_available("cpu"), reason="Triton interpreter off (TRITON_INTERPRET=1)"
+        ),
+    ),
+]
+
+
+def make_inputs(
+    batch: int,
+    shape: tuple[int, ...],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    drift: float = 0.5,
+    seed: int | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Loss keywords for transitions with ``mean - old_mean ~ drift * s`` (varied per sample)
+    and the rollout noise. Fresh random draws unless ``seed`` is given."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(size, generator=gen, device=device)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=gen, device=device)
+
+    per = (batch,) + (1,) * len(shape)
+    std = 0.03 + 0.3 * rand(batch)
+    old_mean = randn(batch, *shape)
+    noise = randn(batch, *shape)
+    next_sample = old_mean + std.view(per) * noise
+    step = (
+        drift
+        * std.view(per)
+        * rand(batch).view(per)
+        / max(1.0, float(torch.tensor(shape).prod()) ** 0.25)
+    )
+    mean = (old_mean + step * randn(batch, *shape)).to(dtype).requires_grad_()
+    inputs = dict(
+        advantages=3 * randn(batch),
+        mean=mean,
+        old_mean=old_mean,
+        next_sample=next_sample,
+        std=std,
+        dt=-(0.02 + 0.2 * rand(batch)),
+        t=0.1 + 0.8 * rand(batch),
+    )
+    return inputs, noise
+
+
+def build(name: str, fused_path: bool, *, dual: bool = False) -> regclip.GuardedPPOLoss:
+    clip = {"flow_grpo": 1e-3, "mean_revised": 1e-3}.get(name, 2e-4)
+    loss_fn = presets.from_name(name, clip_range=clip)
+    if dual:
+        loss_fn.surrogate = regclip.DualClip(clip, dual=1.0 + 2 * clip)
+    loss_fn.fused = fused_path
+    return loss_fn
+
+
+def run(
+    loss_fn: regclip.GuardedPPOLoss,
+    inputs: dict[str, torch.Tensor],
+    noise: torch.Tensor | None,
+    extra: bool = False,
+):
+    kw = dict(inputs)
+    if noise is not None:
+        kw["noise"] = noise
+        del kw["old_mean"]
+    out = loss_fn(**kw)
+    objective = out.loss
+    if extra:  # gradients through the log-ratio and ratio outputs as well
+        objective = objective + 0.3 * out.log_ratio.sum() - 0.2 * out.ratio.sum()
+    (grad,) = torch.autograd.grad(objective, inputs["mean"])
+    return out, grad
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_same_loss(out, grad, ref, ref_grad, *, grad_tol: float) -> None:
+    assert torch.isfinite(grad).all()
+    assert out.log_ratio.dtype == ref.log_ratio.dtype == torch.float32
+    scale = ref.log_ratio.abs().max().item()
+    torch.testing.assert_close(out.log_ratio, ref.log_ratio, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(out.ratio, ref.ratio, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.advantages, ref.advantages)
+    torch.testing.assert_close(out.weight, ref.weight)
+    low, high = ref.clip_bounds
+    near = torch.zeros_like(ref.clipped)
+    for bound in (None if low is None else 1 - low, None if high is None else 1 + high):
+        if bound is not None:
+            near |= (ref.ratio - bound).abs() < 1e-6
+    assert torch.equal(out.clipped[~near], ref.clipped[~near])
+    assert rel_err(grad, ref_grad) < grad_tol
+    assert set(out.metrics) == set(ref.metrics) - {"loss/kl"}
+    for key, value in out.metrics.items():
+        assert value == pytest.approx(ref.metrics[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("use_noise", [False, True])
+@pytest.mark.parametrize("dual", [False, True])
+def test_fused_matches_eager_float32(device: str, name: str, use_noise: bool, dual: bool) -> None:
+    inputs, noise = make_inputs(5, (3, 9, 7), device=device)
+    eager = run(build(name, False, dual=dual), inputs, noise if use_noise else None)
+    out = run(build(name, True, dual=dual), inputs, noise if use_noise else None)
+    assert out[0].loss.grad_fn is not None and "FusedGuard" in type(out[0].loss.grad_fn).__name__
+    assert_same_loss(*out, *eager, grad_tol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_matches_eager_16bit_means(device: str, dtype: torch.dtype) -> None:
+    inputs, noise = make_inputs(4, (4, 16, 16), device=device, dtype=dtype)
+    eager = run(build("grpo_guard", False), inputs, noise)
+    out = run(build("grpo_guard", True), inputs, noise)
+    assert out[1].dtype == dtype
+    assert_same_loss(*out, *eager, grad_tol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_gradient_flows_through_log_ratio_and_ratio_outputs(device: str) -> None:
+    inputs, _ = make_inputs(3, (2, 5, 5), device=device)
+    eager = run(build("grpo_guard", False), inputs, None, extra=True)
+    out = run(build("grpo_guard", True), inputs, None, extra=True)
+    assert_same_loss(*out, *eager, grad_tol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "shape"), [(1, (7,)), (2, (3, 1000)), (33, (16, 8, 8))])
+def test_fused_handles_odd_sizes(device: str, batch: int, shape: tuple[int, ...]) -> None:
+    inputs, noise = make_inputs(batch, shape, device=device)
+    eager = run(build("grpo_guard", False), inputs, noise)
+    out = run(build("grpo_guard", True), inputs, noise)
+    assert_same_loss(*out, *eager, grad_tol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("batch", "shape"), [(8, (16, 64, 64)), (2, (16, 21, 60, 104))])
+def test_fused_at_model_shapes_against_float64(batch: int, shape: tuple[int, ...]) -> None:
+    """SD3.5-M 512 px and a Wan latent: fused float32 against the eager loss in float64,
+    and bitwise repeatable (the reduction order is fixed: a race would move the result)."""
+    inputs, noise = make_inputs(batch, shape, device="cuda")
+    inputs64 = {k: v.detach().double() for k, v in inputs.items()}
+    inputs64["mean"].requires_grad_()
+    ref, ref_grad = run(build("grpo_guard", False), inputs64, noise.double())
+    loss_fn = build("grpo_guard", True)
+    out, grad = run(loss_fn, inputs, noise)
+    assert rel_err(out.log_ratio, ref.log_ratio) < 1e-4
+    assert rel_err(grad, ref_grad) < 1e-5
+    for _ in range(5):
+        again, again_grad = run(loss_fn, inputs, noise)
+        assert torch.equal(again.log_ratio, out.log_ratio)
+        assert torch.equal(again_grad, grad)
+
+
+@pytest.mark.gpu
+def test_fused_two_launch_variant_matches_single_launch() -> None:
+    from regclip.fused.function import SurrogateConfig, fused_guard
+
+    inputs, _ = make_inputs(8, (16, 64, 64), device="cuda")
+    args = [inputs[k].detach() for k in ("mean", "old_mean", "next_sample", "std")]
+    scale, weight = inputs["std"], 1 / inputs["dt"].abs()
+    results = [
+        fused_guard(
+            *args,
+            scale,
+            weight,
+            inputs["advantages"],
+            SurrogateConfig(True, 5.0, 1 - 2e-4, 1 + 2e-4, None, one),
+            noise=False,
+        )
+        for one in (True, False)
+    ]
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_fused_under_torch_compile_and_cuda_graph() -> None:
+    inputs, noise = make_inputs(8, (16, 64, 64), device="cuda", seed=0)
+    loss_fn = build("grpo_guard", True)
+    loss_fn.validate = False
+    kw = {k: v for k, v in inputs.items() if k != "old_mean"}
+    eager, eager_grad = run(loss_fn, inputs, noise)
+
+    compiled = torch.compile(lambda **k: loss_fn(**k).loss)
+    (grad,) = torch.autograd.grad(compiled(**kw, noise=noise), inputs["mean"])
+    torch.testing.assert_close(grad, eager_grad)
+
+    mean = inputs["mean"].detach().clone().requires_grad_()
+    static = dict(kw, mean=mean, noise=noise)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            loss_fn(**static).loss.backward()
+    torch.cuda.current_stream().wait_stream(side)
+    mean.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = loss_fn(**static)
+        out.loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(mean.grad, eager_grad)
+    torch.testing.assert_close(out.loss, eager.loss)
+
+
+def test_fused_flag_runs_the_eager_path_where_the_kernels_do_not_apply() -> None:
+    """On CPU without the interpreter, with a KL term, or from log-probs only, ``fused=True``
+    gives the eager result exactly."""
+    inputs, _ = make_inputs(4, (2, 6, 6))
+    cases = [(build("grpo_guard", True), inputs)]
+    kl = presets.grpo_guard(kl_coef=0.1)
+    kl.fused = True
+    cases.append((kl, dict(inputs, ref_mean=inputs["old_mean"] + 0.01)))
+    if fused.is_available("cpu"):
+        cases = cases[1:]
+    for loss_fn, kw in cases:
+        out = loss_fn(**kw)
+        loss_fn.fused = False
+        ref = loss_fn(**kw)
+        assert torch.equal(out.loss, ref.loss)
+        assert out.metrics == ref.metrics
+    assert not fused.supports(
+        kl,
+        mean=inputs["mean"],
+        old_mean=inputs["old_mean"],
+        next_sample=inputs["next_sample"],
+        noise=None,
+    )
+    log_prob_only = presets.flow_grpo()
+    log_prob_only.normalizer = regclip.IdentityRatio(source="log_prob")
+    assert not fused.supports(
+        log_prob_only,
+        mean=inputs["mean"],
+        old_mean=inputs["old_mean"],
+        next_sample=inputs["next_sample"],
+        noise=None,
+    )
