@@ -1,0 +1,379 @@
+"""What both adapters share: the ``--regclip_*`` options, the loss they build, the store of
+rollout proposal means, metric logging through upstream's logger, and version checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+import regclip
+from regclip import GuardedPPOLoss, KLPenalty, LossOutput, TimestepDiagnostics, TransitionKernel
+
+__all__ = [
+    "IncompatibleUpstreamError",
+    "LoggerProxy",
+    "MetricLog",
+    "Patches",
+    "RegclipOptions",
+    "StopTraining",
+    "TransitionStore",
+    "build_loss",
+    "inject_gradient",
+    "parse_known_options",
+    "require_attributes",
+    "require_parameters",
+    "require_source",
+    "run_main_block",
+]
+
+VANILLA_PRESETS = ("flow_grpo", "dance_grpo")
+
+
+class IncompatibleUpstreamError(RuntimeError):
+    """The upstream checkout does not have the functions/signatures the adapter patches."""
+
+
+class StopTraining(Exception):
+    """Raised by :class:`LoggerProxy` after ``--regclip_max_steps`` logged optimizer steps."""
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class RegclipOptions:
+    """The adapter's options; each is the command-line flag ``--regclip_<name>``."""
+
+    preset: str = "grpo_guard"
+    """A name of :data:`regclip.presets.PRESETS`."""
+    clip_range: float | None = None
+    """Symmetric clip range. Default: upstream's own for the vanilla presets, the preset's
+    default (2e-6 for ``grpo_guard``) otherwise."""
+    adv_clip: float | None = None
+    """Advantage clamp. Default: upstream's (``adv_clip_max``)."""
+    reweight: str = "auto"
+    """``grpo_guard`` only: ``auto``, ``inverse_dt`` or ``equalizing``."""
+    ratio_source: str | None = None
+    """``auto``, ``log_prob`` or ``closed_form``. Default: ``log_prob`` for the vanilla
+    presets (upstream's numbers bit for bit), the preset's own (``auto``) otherwise."""
+    means_device: str = "same"
+    """Where rollout means are kept: ``same`` (the rollout's device) or ``cpu``."""
+    max_steps: int = 0
+    """Stop cleanly after this many logged optimizer steps (0: never)."""
+    src: str | None = None
+    """Upstream checkout (default: the environment variable, then the working directory)."""
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--regclip_<field>`` for every field of :class:`RegclipOptions`."""
+    group = parser.add_argument_group("regclip")
+    for field in fields(RegclipOptions):
+        default = field.default
+        kind: Callable[[str], Any]
+        if field.name in ("clip_range", "adv_clip"):
+            kind = _parse_optional_float
+        elif field.name == "max_steps":
+            kind = int
+        else:
+            kind = str
+        group.add_argument(f"--regclip_{field.name}", type=kind, default=default)
+
+
+def parse_known_options(argv: Sequence[str]) -> tuple[RegclipOptions, list[str]]:
+    """Split ``argv`` into regclip's options and the rest (left for the upstream parser)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_arguments(parser)
+    known, rest = parser.parse_known_args(list(argv))
+    values = {f.name: getattr(known, f"regclip_{f.name}") for f in fields(RegclipOptions)}
+    options = RegclipOptions(**values)
+    if options.preset not in regclip.presets.PRESETS:
+        raise SystemExit(
+            f"--regclip_preset {options.preset!r} is not one of {sorted(regclip.presets.PRESETS)}"
+        )
+    if options.means_device not in ("same", "cpu"):
+        raise SystemExit(
+            f"--regclip_means_device must be 'same' or 'cpu', got {options.means_device!r}"
+        )
+    return options, rest
+
+
+def build_loss(
+    options: RegclipOptions,
+    *,
+    sde: Literal["flow", "dance"],
+    kernel: TransitionKernel,
+    upstream_clip_range: float,
+    upstream_adv_clip: float,
+    kl_coef: float = 0.0,
+    kl_variance: Literal["transition", "sigma"] = "sigma",
+) -> GuardedPPOLoss:
+    """The preset ``options.preset`` configured from the upstream run's own settings.
+
+    ``kl_coef`` is upstream's KL weight; with ``kl_variance="sigma"`` the KL divides by
+    sigma_t^2 as Flow-GRPO's ``train_sd3.py`` does, so its ``beta`` keeps its meaning.
+    """
+    name = options.preset
+    vanilla = name in VANILLA_PRESETS
+    kwargs: dict[str, Any] = {
+        "adv_clip": upstream_adv_clip if options.adv_clip is None else options.adv_clip,
+    }
+    if options.clip_range is not None:
+        kwargs["clip_range"] = options.clip_range
+    elif vanilla:
+        kwargs["clip_range"] = upstream_clip_range
+    if not vanilla:
+        kwargs.update(sde=sde, kernel=kernel)
+    if name == "grpo_guard":
+        kwargs["reweight"] = options.reweight
+    loss = regclip.presets.from_name(name, **kwargs)
+    if vanilla:
+        loss.kernel = kernel
+    if kl_coef > 0:
+        loss.kl = KLPenalty(kl_coef, kl_variance)
+    source = options.ratio_source or ("log_prob" if vanilla else loss.normalizer.source)
+    if source not in ("auto", "log_prob", "closed_form"):
+        raise ValueError(
+            f"--regclip_ratio_source must be auto/log_prob/closed_form, got {source!r}"
+        )
+    loss.normalizer.source = source
+    return loss
+
+
+# ----------------------------------------------------------------------------- rollout store
+
+
+class TransitionStore:
+    """Per-transition rollout data (the old proposal mean and any per-sample extras),
+    keyed by the exact rollout draw ``x_{t+dt}``.
+
+    Upstream trainers stack, mask, shuffle and re-batch their rollout tensors inline, so the
+    adapter cannot add a column to them; instead it finds a transition again by its draw,
+    which upstream stores verbatim (``next_latents``) and which is a fresh Gaussian sample,
+    so distinct transitions have distinct keys. A key is the first ``key_size`` values of
+    the draw in float64. Memory: one (C, H, W) float32 mean per stored transition, as much
+    as upstream's own latents; ``device="cpu"`` keeps them off the accelerator.
+    """
+
+    def __init__(self, device: str | torch.device | None = None, key_size: int = 16) -> None:
+        self.device = device
+        self.key_size = key_size
+        self._rows: dict[bytes, dict[str, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def _keys(self, next_sample: Tensor) -> list[bytes]:
+        head = next_sample.detach().reshape(next_sample.shape[0], -1)[:, : self.key_size]
+        flat = head.to(device="cpu", dtype=torch.float64).numpy()
+        return [row.tobytes() for row in flat]
+
+    def record(self, next_sample: Tensor, **per_sample: Tensor) -> None:
+        """Store ``per_sample`` tensors ((B, ...) each) under the keys of ``next_sample``."""
+        for b, key in enumerate(self._keys(next_sample)):
+            values = {
+                name: (
+                    value[b].detach().to(self.device)
+                    if self.device is not None
+                    else value[b].detach()
+                )
+                for name, value in per_sample.items()
+            }
+            self._rows[key] = values
+
+    def lookup(self, next_sample: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        """Stacked (B, ...) tensors ``names`` for the transitions whose draw is
+        ``next_sample``, on ``next_sample``'s device."""
+        keys = self._keys(next_sample)
+        missing = sum(key not in self._rows for key in keys)
+        if missing:
+            raise KeyError(
+                f"{missing} of {len(keys)} transitions were not recorded during the rollout "
+                f"({len(self)} stored). The adapter records the rollout through upstream's "
+                "sampling function: was the rollout made by another code path, or the store "
+                "cleared in between?"
+            )
+        return {
+            name: torch.stack([self._rows[key][name] for key in keys]).to(next_sample.device)
+            for name in names
+        }
+
+
+# ----------------------------------------------------------------------------- loss plumbing
+
+
+class _GradientSwap(torch.autograd.Function):
+    """Forward: ``value`` unchanged. Backward: ``value`` gets no gradient, ``loss`` gets 1."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, loss: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.loss_meta = (loss.dtype, loss.device)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_value: Tensor) -> tuple[None, Tensor]:  # type: ignore[override]
+        dtype, device = ctx.loss_meta
+        return None, torch.ones((), dtype=dtype, device=device)
+
+
+def inject_gradient(value: Tensor, loss: Tensor) -> Tensor:
+    """Return ``value`` so that whatever upstream builds from it backpropagates ``loss``.
+
+    Upstream code that computes its own loss from ``value`` and calls ``.backward()`` then
+    gives the parameters exactly ``d loss / d theta`` (the path through ``value`` is cut),
+    while its printed numbers stay those of its own formula.
+    """
+    return _GradientSwap.apply(value, loss)
+
+
+class MetricLog:
+    """Running means of :attr:`regclip.LossOutput.metrics` and per-timestep statistics,
+    flushed into upstream's logger as ``regclip/<name>`` and ``regclip/step<k>/<name>``."""
+
+    PER_STEP = ("ratio/mean", "ratio/std", "log_ratio/std", "clip/frac")
+
+    def __init__(self, prefix: str = "regclip/") -> None:
+        self.prefix = prefix
+        self.timesteps = TimestepDiagnostics()
+        self._sums: dict[str, float] = defaultdict(float)
+        self._calls = 0
+
+    def add(self, output: LossOutput, step_index: int | Tensor) -> None:
+        for name, value in output.metrics.items():
+            self._sums[name] += value
+        self._calls += 1
+        self.timesteps.update(step_index, output)
+
+    def flush(self) -> dict[str, float]:
+        if self._calls == 0:
+            return {}
+        out = {f"{self.prefix}{k}": v / self._calls for k, v in self._sums.items()}
+        for step, stats in self.timesteps.summary().items():
+            for name in self.PER_STEP:
+                out[f"{self.prefix}step{step:02d}/{name}"] = stats[name]
+        self._sums.clear()
+        self._calls = 0
+        self.timesteps.reset()
+        return out
+
+
+class LoggerProxy:
+    """Stands in for upstream's ``wandb`` module: forwards everything, and adds regclip's
+    metrics to the logs that ``is_train_log`` recognizes (one per optimizer step)."""
+
+    def __init__(
+        self,
+        logger: Any,
+        metrics: MetricLog,
+        is_train_log: Callable[[dict[str, Any]], bool],
+        max_steps: int = 0,
+    ) -> None:
+        self._logger = logger
+        self._metrics = metrics
+        self._is_train_log = is_train_log
+        self._max_steps = max_steps
+        self.train_logs = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+    def log(self, data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if self._is_train_log(data):
+            data = {**data, **self._metrics.flush()}
+            self.train_logs += 1
+        result = self._logger.log(data, *args, **kwargs)
+        if self._max_steps and self.train_logs >= self._max_steps:
+            raise StopTraining(f"stopped after {self.train_logs} optimizer steps")
+        return result
+
+
+# ----------------------------------------------------------------------------- patching
+
+
+class Patches:
+    """Module attribute replacements that can be undone."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def set(self, owner: Any, name: str, value: Any) -> Any:
+        """Replace ``owner.name`` by ``value``; returns the original."""
+        original = getattr(owner, name)
+        self._saved.append((owner, name, original))
+        setattr(owner, name, value)
+        return original
+
+    def undo(self) -> None:
+        while self._saved:
+            owner, name, original = self._saved.pop()
+            setattr(owner, name, original)
+
+
+def _incompatible(where: str, problem: str, commit: str) -> IncompatibleUpstreamError:
+    return IncompatibleUpstreamError(
+        f"{where}: {problem}. This adapter was written and tested against upstream commit "
+        f"{commit}; check out that commit or update the adapter (docs/integrations.md)."
+    )
+
+
+def require_attributes(module: ModuleType, names: Iterable[str], commit: str) -> None:
+    missing = [n for n in names if not hasattr(module, n)]
+    if missing:
+        raise _incompatible(module.__name__, f"missing {missing}", commit)
+
+
+def require_parameters(fn: Callable[..., Any], names: Sequence[str], commit: str) -> None:
+    """``fn`` must take ``names`` as its leading parameters, in this order."""
+    params = list(inspect.signature(fn).parameters)
+    if params[: len(names)] != list(names):
+        raise _incompatible(
+            f"{fn.__module__}.{fn.__qualname__}",
+            f"parameters are {params}, expected them to start with {list(names)}",
+            commit,
+        )
+
+
+def require_source(fn: Callable[..., Any], snippets: Iterable[str], commit: str) -> None:
+    """``fn``'s source must contain every snippet (whitespace-insensitive)."""
+    source = "".join(inspect.getsource(fn).split())
+    missing = [s for s in snippets if "".join(s.split()) not in source]
+    if missing:
+        raise _incompatible(f"{fn.__module__}.{fn.__qualname__}", f"source lacks {missing}", commit)
+
+
+def run_main_block(module: ModuleType) -> None:
+    """Execute the module's ``if __name__ == "__main__":`` body in its own namespace, so
+    that upstream's argument parsing and ``main`` run with the adapter's patches."""
+    tree = ast.parse(inspect.getsource(module))
+    for node in tree.body:
+        if (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name)
+            and node.test.left.id == "__name__"
+        ):
+            block = ast.Module(body=node.body, type_ignores=[])
+            exec(compile(block, inspect.getfile(module), "exec"), module.__dict__)
+            return
+    raise IncompatibleUpstreamError(f"{module.__name__} has no `if __name__ == '__main__':` block")
+
+
+def transition_std(sigma_t_or_std: Tensor, dt: Tensor) -> Tensor:
+    """(B,) ``s_t = sigma_t sqrt(-dt)`` from a (B, 1, ...) sigma_t and (B,) dt."""
+    return sigma_t_or_std.reshape(sigma_t_or_std.shape[0], -1)[:, 0] * torch.sqrt(-dt)

@@ -1,0 +1,40 @@
+"""Drop-in for ``scripts/train_sd3.py``: the same flags and config, plus ``--regclip_*``.
+
+Run it from the flow_grpo checkout, exactly where upstream's script would run::
+
+    accelerate launch --config_file scripts/accelerate_configs/multi_gpu.yaml \\
+        --num_processes=8 --main_process_port 29501 \\
+        /path/to/regclip/integrations/flow_grpo/launch.py \\
+        --config config/grpo.py:pickscore_sd3 --regclip_preset grpo_guard
+
+Everything but ``--regclip_*`` goes to upstream's own absl/ml_collections parser.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `integrations` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from integrations.common import StopTraining, parse_known_options, run_main_block
+from integrations.flow_grpo.adapter import FlowGRPOAdapter, load_upstream
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, rest = parse_known_options(sys.argv[1:] if argv is None else argv)
+    upstream = load_upstream(options.src)
+    with FlowGRPOAdapter(upstream, options):
+        sys.argv = [str(upstream.root / "scripts" / "train_sd3.py"), *rest]
+        try:
+            run_main_block(upstream.train_module)
+        except StopTraining as stop:
+            print(f"[regclip] {stop}")
+        except SystemExit as done:
+            return int(done.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Flow-GRPO adapter against the real upstream code (``pytest -m upstream`` with
+``REGCLIP_FLOW_GRPO_SRC`` set to a flow_grpo checkout; commit in FLOW_GRPO_COMMIT)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from integrations.common import IncompatibleUpstreamError, RegclipOptions
+from integrations.standins import install_standins
+
+SRC = os.environ.get("REGCLIP_FLOW_GRPO_SRC")
+pytestmark = [
+    pytest.mark.upstream,
+    pytest.mark.skipif(
+        not SRC,
+        reason="set REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo checkout and run `pytest -m upstream`",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def up():
+    install_standins(["absl", "ml_collections", "wandb"])
+    from integrations.flow_grpo.adapter import load_upstream
+
+    return load_upstream(SRC)
+
+
+@pytest.fixture()
+def logger(up, monkeypatch):
+    from integrations.flow_grpo.smoke import RecordingLogger
+
+    recorder = RecordingLogger()
+    monkeypatch.setattr(up.train_module, "wandb", recorder)
+    return recorder
+
+
+def _setup(up, seed, batch=4, num_steps=4):
+    from integrations.flow_grpo import smoke
+
+    pipe = smoke.build_pipeline("tiny", seed=seed)
+    config = smoke.make_config(sample__num_steps=num_steps)
+    generator = torch.Generator().manual_seed(seed)
+    embeds = smoke.random_embeddings(pipe, batch, 8, generator)
+    return pipe, config, embeds
+
+
+def test_rollout_records_the_means_upstreams_step_returns(up):
+    from integrations.flow_grpo import smoke
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter
+
+    from regclip import gaussian_log_prob
+
+    pipe, config, embeds = _setup(up, seed=1)
+    adapter = FlowGRPOAdapter(up)
+    with adapter, torch.no_grad():
+        _, sample = smoke.rollout(up, pipe, embeds, config, resolution=16)
+    assert len(adapter.store) == 4 * config.sample.num_steps
+    assert up.train_module.compute_log_prob is adapter._originals["compute_log_prob"]
+    cond = torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]])
+    pooled = torch.cat([embeds["negative_pooled_prompt_embeds"], embeds["pooled_prompt_embeds"]])
+    sigmas = pipe.scheduler.sigmas
+    with torch.no_grad():
+        for j in range(config.sample.num_steps):
+            # upstream's own training-time evaluation of rollout transition j
+            _, log_prob, mean, std_dev_t = up.train_module.compute_log_prob(
+                pipe.transformer, pipe, sample, j, cond, pooled, config
+            )
+            recorded = adapter.store.lookup(sample["next_latents"][:, j], ["mean"])["mean"]
+            torch.testing.assert_close(recorded, mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(log_prob, sample["log_probs"][:, j], rtol=1e-5, atol=1e-5)
+            # the recorded mean explains the rollout's log-prob of its own draw
+            s = std_dev_t.flatten() * torch.sqrt(sigmas[j] - sigmas[j + 1])
+            torch.testing.assert_close(
+                gaussian_log_prob(sample["next_latents"][:, j], recorded, s),
+                sample["log_probs"][:, j],
+                rtol=1e-5,
+                atol=1e-5,
+            )
+
+
+def _perturb(module, seed, scale=2e-3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+class _NoStep:
+    def step(self):
+        return None
+
+    def zero_grad(self):
+        return None
+
+
+def _grads(module):
+    out = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def test_vanilla_preset_reproduces_upstream_loss_and_gradient(up, logger):
+    from accelerate import Accelerator
+    from integrations.flow_grpo import smoke
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter
+
+    pipe, config, embeds = _setup(up, seed=2)
+    adapter = FlowGRPOAdapter(up, RegclipOptions(preset="flow_grpo"))
+    with adapter, torch.no_grad():
+        _, sample = smoke.rollout(up, pipe, embeds, config, resolution=16)
+    _perturb(pipe.transformer, seed=3)  # as after an optimizer step: ratios differ from 1
+    rewards = torch.randn(4, generator=torch.Generator().manual_seed(4))
+    sample = smoke.with_advantages(sample, rewards * 3, group=2, steps=config.sample.num_steps)
+    sample = {k: v[torch.tensor([2, 0, 3, 1])] for k, v in sample.items()}
+    steps = config.sample.num_steps
+
+    smoke.run_timestep_loop(
+        up, pipe, sample, config, Accelerator(gradient_accumulation_steps=steps), _NoStep(), embeds
+    )
+    upstream_grads = _grads(pipe.transformer)
+    with adapter:
+        accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
+        smoke.run_timestep_loop(up, pipe, sample, config, accelerator, _NoStep(), embeds)
+    adapter_grads = _grads(pipe.transformer)
+
+    upstream_log, adapter_log = logger.logs
+    assert 0 < upstream_log["clipfrac"] < 1  # some samples clipped, some not
+    assert adapter_log["loss"] == upstream_log["loss"]  # upstream's own keys unchanged
+    assert adapter_log["regclip/loss"] == pytest.approx(upstream_log["loss"], rel=1e-6, abs=0)
+    for a, b in zip(adapter_grads, upstream_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(g.abs().sum() > 0 for g in upstream_grads)
+
+
+def test_grpo_guard_runs_a_full_rollout_and_update(up, logger):
+    from accelerate import Accelerator
+    from integrations.flow_grpo import smoke
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter
+
+    pipe, config, _ = _setup(up, seed=5)
+    before = [p.detach().clone() for p in pipe.transformer.parameters()]
+    optimizer = torch.optim.AdamW(pipe.transformer.parameters(), lr=1e-3)
+    with FlowGRPOAdapter(up, RegclipOptions(preset="grpo_guard")) as adapter:
+        base = up.train_module.Accelerator
+        assert issubclass(base, Accelerator) and base is not Accelerator
+        for _ in range(2):  # second epoch: the store is refilled by the new rollout
+            stats = smoke.run_epoch(
+                up,
+                pipe,
+                config,
+                batch=4,
+                group=2,
+                resolution=16,
+                seq=8,
+                inner_epochs=1,
+                optimizer=optimizer,
+                accelerator_cls=base,
+                reward=lambda images: images.float().mean(dim=(1, 2, 3)),
+                generator=torch.Generator().manual_seed(6),
+            )
+            assert stats["optimizer_steps"] == 1
+            assert len(adapter.store) == 4 * config.sample.num_steps
+        assert adapter.loss_fn is not None and adapter.loss_fn.normalizer.name == "ratio_norm"
+    moved = [
+        not torch.equal(a, b.detach())
+        for a, b in zip(before, pipe.transformer.parameters(), strict=True)
+    ]
+    assert any(moved)
+    for log in logger.logs:
+        assert {
+            "regclip/loss",
+            "regclip/clip/frac",
+            "regclip/step00/ratio/mean",
+            "clipfrac",
+        } <= set(log)
+        assert all(torch.isfinite(torch.tensor(v)) for v in log.values())
+
+
+def test_incompatible_upstream_fails_with_the_commit_in_the_message(up, monkeypatch):
+    from integrations.flow_grpo.adapter import FLOW_GRPO_COMMIT, check_compatible
+
+    def new_step(
+        self,
+        model_output,
+        timestep,
+        sample,
+        noise_level=0.7,
+        prev_sample=None,
+        generator=None,
+        sde_type="sde",
+    ):
+        return prev_sample
+
+    monkeypatch.setattr(up.sde_module, "sde_step_with_logprob", new_step)
+    with pytest.raises(IncompatibleUpstreamError, match=FLOW_GRPO_COMMIT[:7]):
+        check_compatible(up)
