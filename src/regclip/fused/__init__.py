@@ -18,7 +18,7 @@ Any normalizer and reweighter work: their per-sample scale and weight are comput
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,13 +36,7 @@ __all__ = ["fused_forward", "is_available", "supports"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def is_available(device: torch.device | str = "cuda") -> bool:
@@ -50,7 +44,7 @@ def is_available(device: torch.device | str = "cuda") -> bool:
     from .function import interpreting
 
     kind = torch.device(device).type
-    return _triton_imports() and (kind == "cuda" or (kind == "cpu" and interpreting()))
+    return _HAS_TRITON and (kind == "cuda" or (kind == "cpu" and interpreting()))
 
 
 def supports(

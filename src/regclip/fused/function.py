@@ -7,7 +7,6 @@ Shapes: ``mean``, ``other`` (the old mean, or the rollout noise when ``noise=Tru
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +48,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+_PROGRAMS: dict[torch.device, int] = {}
+
+
 def _programs_target(device: torch.device) -> int:
+    """Programs per launch: a few per multiprocessor (8 in the CPU interpreter)."""
     if device.type != "cuda":
         return 8  # the interpreter runs programs one by one: few, long ones
-    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    if device not in _PROGRAMS:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _PROGRAMS[device] = PROGRAMS_PER_SM * sms
+    return _PROGRAMS[device]
 
 
 def _chunking(batch: int, dim: int, device: torch.device) -> tuple[int, int]:
