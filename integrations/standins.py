@@ -77,8 +77,13 @@ class _StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install_standins(names: Iterable[str]) -> list[str]:
     """Install stand-ins for the top-level packages in ``names`` that cannot be imported.
 
+    ``diffusers`` and ``transformers`` are imported first: they probe optional packages
+    (e.g. ``torchvision``) at import time and must not mistake a stand-in for the real one.
     Returns the names that got a stand-in.
     """
+    for library in ("diffusers", "transformers"):
+        if importlib.util.find_spec(library) is not None:
+            importlib.import_module(library)
     missing = [n for n in names if n not in sys.modules and importlib.util.find_spec(n) is None]
     if missing:
         sys.meta_path.append(_StandinFinder(set(missing)))
