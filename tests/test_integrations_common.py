@@ -1,0 +1,229 @@
+"""CI-safe tests of the adapters' shared machinery (no upstream checkout needed)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from integrations.common import (
+    IncompatibleUpstreamError,
+    LoggerProxy,
+    MetricLog,
+    Patches,
+    RegclipOptions,
+    StopTraining,
+    TransitionStore,
+    build_loss,
+    inject_gradient,
+    parse_known_options,
+    require_parameters,
+    require_source,
+    run_main_block,
+)
+from integrations.dance_grpo.adapter import dance_advantages, train_timesteps
+
+import regclip
+
+
+def test_regclip_flags_are_split_from_upstreams():
+    argv = [
+        "--config",
+        "config/grpo.py:pickscore_sd3",
+        "--regclip_preset=ratio_norm",
+        "--config.train.beta=0",
+        "--regclip_clip_range",
+        "3e-6",
+        "--regclip_adv_clip",
+        "none",
+    ]
+    options, rest = parse_known_options(argv)
+    assert rest == ["--config", "config/grpo.py:pickscore_sd3", "--config.train.beta=0"]
+    assert options == RegclipOptions(preset="ratio_norm", clip_range=3e-6, adv_clip=None)
+    assert parse_known_options([])[0] == RegclipOptions()
+
+
+def test_unknown_preset_is_refused_with_the_choices():
+    with pytest.raises(SystemExit, match="grpo_guard"):
+        parse_known_options(["--regclip_preset", "guard"])
+
+
+def test_vanilla_preset_keeps_upstreams_clip_range_and_log_prob_route():
+    kernel = regclip.FlowSDE(0.7, sigma_max=0.95)
+    loss = build_loss(
+        RegclipOptions(preset="flow_grpo"),
+        sde="flow",
+        kernel=kernel,
+        upstream_clip_range=3e-4,
+        upstream_adv_clip=4.0,
+        kl_coef=0.04,
+    )
+    assert (loss.surrogate.low, loss.surrogate.high) == (3e-4, 3e-4)
+    assert loss.adv_clip == 4.0 and loss.normalizer.source == "log_prob"
+    assert loss.kl is not None and loss.kl.coef == 0.04 and loss.kl.variance == "sigma"
+
+
+@pytest.mark.parametrize(
+    ("sde", "weight"), [("flow", "InverseDtWeight"), ("dance", "EqualizingWeight")]
+)
+def test_guard_preset_uses_its_own_clip_range_and_the_upstream_kernel(sde, weight):
+    kernel = regclip.make_kernel(sde, 0.5, sigma_max=0.9 if sde == "flow" else None)
+    loss = build_loss(
+        RegclipOptions(), sde=sde, kernel=kernel, upstream_clip_range=1e-4, upstream_adv_clip=5.0
+    )
+    assert loss.surrogate.high == 2e-6 and loss.kernel is kernel
+    assert loss.normalizer.name == "ratio_norm" and loss.normalizer.source == "auto"
+    assert type(loss.reweighter).__name__ == weight
+    custom = build_loss(
+        RegclipOptions(clip_range=1e-5, ratio_source="log_prob"),
+        sde=sde,
+        kernel=kernel,
+        upstream_clip_range=1e-4,
+        upstream_adv_clip=5.0,
+    )
+    assert custom.surrogate.low == 1e-5 and custom.normalizer.source == "log_prob"
+
+
+def test_store_finds_each_transition_by_its_draw_after_shuffling():
+    store = TransitionStore(device="cpu")
+    draws, means = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    rows = torch.arange(6)
+    store.record(draws[:3], mean=means[:3], row=rows[:3])
+    store.record(draws[3:], mean=means[3:], row=rows[3:])
+    perm = torch.randperm(6)
+    found = store.lookup(draws[perm], ["mean", "row"])
+    assert torch.equal(found["mean"], means[perm]) and torch.equal(found["row"], perm)
+    with pytest.raises(KeyError, match="not recorded during the rollout"):
+        store.lookup(draws[:2] + 1e-3, ["mean"])
+    store.clear()
+    assert len(store) == 0
+
+
+def test_injected_gradient_replaces_upstreams_even_when_upstream_clips():
+    theta = torch.randn(5, requires_grad=True)
+    value = (theta**2).sum(dim=0, keepdim=True)  # upstream's log-prob
+    ours = (theta.sin() * torch.arange(5.0)).sum()  # regclip's loss
+    out = inject_gradient(value, ours)
+    assert torch.equal(out, value.detach())
+    upstream_loss = torch.clamp(out.exp(), 0.0, 0.0).sum() + 3 * out.sum()
+    upstream_loss.backward()
+    torch.testing.assert_close(theta.grad, theta.detach().cos() * torch.arange(5.0))
+
+
+def _loss_output(seed):
+    torch.manual_seed(seed)
+    x = torch.randn(4, 8)
+    loss = regclip.presets.grpo_guard(sde="flow", kernel=regclip.FlowSDE(0.7, 0.9))
+    return loss(
+        advantages=torch.randn(4),
+        mean=x + 1e-3,
+        old_mean=x,
+        next_sample=x + 0.1 * torch.randn(4, 8),
+        std=torch.full((4,), 0.1),
+        dt=torch.full((4,), -0.1),
+        t=torch.full((4,), 0.5),
+    )
+
+
+def test_metric_log_averages_calls_and_resets():
+    log = MetricLog()
+    a, b = _loss_output(0), _loss_output(1)
+    log.add(a, 0)
+    log.add(b, 2)
+    flushed = log.flush()
+    assert flushed["regclip/loss"] == pytest.approx((a.metrics["loss"] + b.metrics["loss"]) / 2)
+    assert {"regclip/step00/ratio/mean", "regclip/step02/clip/frac"} <= set(flushed)
+    assert log.flush() == {}
+
+
+def test_logger_proxy_merges_train_logs_and_stops_after_max_steps():
+    logged = []
+    wandb = SimpleNamespace(log=lambda data, step=None: logged.append(data), run="r")
+    metrics = MetricLog()
+    proxy = LoggerProxy(wandb, metrics, lambda d: "inner_epoch" in d, max_steps=2)
+    metrics.add(_loss_output(0), 1)
+    proxy.log({"images": 1})
+    proxy.log({"loss": 1.0, "inner_epoch": 0}, step=0)
+    assert proxy.run == "r" and "regclip/loss" not in logged[0] and "regclip/loss" in logged[1]
+    with pytest.raises(StopTraining):
+        proxy.log({"loss": 1.0, "inner_epoch": 0}, step=1)
+    assert len(logged) == 3
+
+
+def test_patches_are_undone_in_reverse_order():
+    owner = SimpleNamespace(f=1)
+    patches = Patches()
+    assert patches.set(owner, "f", 2) == 1
+    patches.set(owner, "f", 3)
+    patches.undo()
+    assert owner.f == 1
+
+
+def test_version_checks_name_the_function_and_the_commit():
+    def step(self, model_output, timestep, sample, noise_level=0.7):
+        return model_output + noise_level
+
+    require_parameters(step, ("self", "model_output"), "abc1234")
+    with pytest.raises(IncompatibleUpstreamError, match=r"step.*abc1234"):
+        require_parameters(step, ("self", "sample"), "abc1234")
+    require_source(step, ["model_output  +  noise_level"], "abc1234")
+    with pytest.raises(IncompatibleUpstreamError, match="lacks"):
+        require_source(step, ["prev_sample_mean"], "abc1234")
+
+
+def test_main_block_runs_in_the_modules_namespace(tmp_path, monkeypatch):
+    (tmp_path / "fake_upstream_script.py").write_text(
+        textwrap.dedent("""
+        CALLS = []
+        def main(tag):
+            CALLS.append((tag, helper()))
+        def helper():
+            return "upstream"
+        if __name__ == "__main__":
+            main("ran")
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fake_upstream_script as module
+
+    assert module.CALLS == []
+    monkeypatch.setattr(module, "helper", lambda: "patched")
+    run_main_block(module)
+    assert module.CALLS == [("ran", "patched")]
+    sys.modules.pop("fake_upstream_script")
+
+
+def test_launchers_explain_a_missing_checkout(tmp_path):
+    from integrations.dance_grpo.launch import main as dance_main
+    from integrations.flow_grpo.launch import main as flow_main
+
+    with pytest.raises(FileNotFoundError, match="REGCLIP_FLOW_GRPO_SRC"):
+        flow_main(["--regclip_src", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="REGCLIP_DANCEGRPO_SRC"):
+        dance_main(["--regclip_src", str(tmp_path)])
+
+
+def test_dance_advantages_follow_train_one_step():
+    rewards = torch.rand(8)
+    args = SimpleNamespace(use_group=True, num_generations=4)
+    adv = dance_advantages(args, rewards, rewards)
+    reference = regclip.group_advantages(
+        rewards, torch.arange(8) // 4, std="group", eps=1e-8, unbiased=True, gather=False
+    )
+    torch.testing.assert_close(adv, reference)
+    gathered = torch.cat([rewards, torch.rand(8)])
+    args.use_group = False
+    expected = (rewards - gathered.mean()) / (gathered.std() + 1e-8)
+    torch.testing.assert_close(dance_advantages(args, rewards, gathered), expected)
+
+
+@pytest.mark.parametrize(
+    ("steps", "fraction", "expected"), [(16, 0.6, 9), (12, 1.0, 11), (4, 0.6, 1)]
+)
+def test_dance_train_timesteps(steps, fraction, expected):
+    assert (
+        train_timesteps(SimpleNamespace(sampling_steps=steps, timestep_fraction=fraction))
+        == expected
+    )
