@@ -1,0 +1,236 @@
+r"""SDE rollouts on a diffusers transformer, and the matching recomputation for training.
+
+A rollout integrates the flow ODE on the pipeline's sigma schedule from pure noise
+(``t = sigmas[0] = 1``) to data (``t = 0``). Steps listed in ``sde_steps`` are drawn from
+the transition kernel (``x' = mu + s_t eps``, the steps that are trained, as in MixGRPO and
+Flow-GRPO-Fast); every other step is the deterministic Euler step ``x' = x + v dt``.
+
+For every SDE step ``k`` the :class:`Rollout` records exactly what a PPO update needs:
+the input latents ``x_t``, the draw ``x_{t+dt}``, the rollout log-prob (the kernel's
+convention), the rollout policy's proposal mean ``mu_old`` (``store_old_means``; see
+:meth:`Rollout.old_mean` for regenerating it from the recorded per-step noise seed
+instead, ``mu_old = x_{t+dt} - s_t eps``), plus ``t``, ``dt`` and ``s_t``.
+
+:func:`recompute_transition` evaluates the current policy on a recorded step with the
+same batch layout, dtype and guidance as the rollout, so with unchanged weights it
+returns bit-identical means (log-ratio exactly 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import KernelStep, TransitionKernel
+from .arch import Architecture, Guidance, PromptEmbeds
+
+__all__ = ["Rollout", "SamplerConfig", "recompute_transition", "sample_rollout", "step_noise"]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What a rollout does. ``sde_steps`` index the ``num_steps`` steps (0 = first, t = 1)."""
+
+    num_steps: int = 10
+    sde_steps: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    height: int = 512
+    width: int = 512
+    guidance: Guidance = field(default_factory=Guidance)
+    store_old_means: bool = True
+    """Record mu_old. If False, :meth:`Rollout.old_mean` regenerates it from the noise seeds."""
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"`num_steps` must be >= 1, got {self.num_steps}")
+        steps = tuple(sorted(set(self.sde_steps)))
+        if not steps:
+            raise ValueError("`sde_steps` is empty: a rollout needs at least one trained step")
+        if steps[0] < 0 or steps[-1] >= self.num_steps:
+            raise ValueError(f"`sde_steps` must lie in [0, {self.num_steps}), got {self.sde_steps}")
+        object.__setattr__(self, "sde_steps", steps)
+
+
+def step_noise(seed: int, shape: Sequence[int], device: torch.device) -> Tensor:
+    """The float32 standard normal draw of one SDE step, regenerated from its seed."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+
+
+@dataclass
+class Rollout:
+    """One batch of B trajectories; K = number of SDE (trained) steps. All float32."""
+
+    latents: Tensor
+    """(B, K, ...) x_t at each SDE step."""
+    next_latents: Tensor
+    """(B, K, ...) the kernel's draw x_{t+dt}."""
+    log_probs: Tensor
+    """(B, K) rollout log-probs (kernel convention)."""
+    old_means: Tensor | None
+    """(B, K, ...) rollout proposal means, or None when regenerated from ``noise_seeds``."""
+    noise_seeds: Tensor
+    """(K,) int64 seed of each SDE step's (B, ...) noise draw, see :func:`step_noise`."""
+    steps: Tensor
+    """(K,) int64 step indices into the schedule."""
+    t: Tensor
+    """(K,) sigma at the start of each SDE step."""
+    dt: Tensor
+    """(K,) sigma_{next} - sigma (negative)."""
+    std: Tensor
+    """(K,) transition std s_t."""
+    final: Tensor
+    """(B, ...) the end of the trajectory (x at t = 0)."""
+    embeds: PromptEmbeds
+    """Per-sample conditioning (B rows)."""
+    prompt_ids: Tensor
+    """(B,) int64 prompt index of each sample (the advantage groups)."""
+    advantages: Tensor | None = None
+    """(B,) filled in by the trainer after the rewards."""
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def num_sde_steps(self) -> int:
+        return int(self.steps.shape[0])
+
+    def old_mean(self, k: int, kernel: TransitionKernel | None = None) -> Tensor:
+        """(B, ...) rollout mean of SDE step ``k``: stored, or ``x' - s_t eps`` regenerated.
+
+        Regeneration is exact up to float32 rounding of ``mu + s eps - s eps``.
+        """
+        if self.old_means is not None:
+            return self.old_means[:, k]
+        nxt = self.next_latents[:, k]
+        noise = step_noise(int(self.noise_seeds[k]), nxt.shape, nxt.device)
+        return nxt - self.std[k] * noise
+
+    def to(self, device: torch.device | str) -> Rollout:
+        """A copy on ``device``."""
+
+        def move(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value.to(device)
+
+        return Rollout(
+            latents=self.latents.to(device),
+            next_latents=self.next_latents.to(device),
+            log_probs=self.log_probs.to(device),
+            old_means=move(self.old_means),
+            noise_seeds=self.noise_seeds,
+            steps=self.steps,
+            t=self.t,
+            dt=self.dt,
+            std=self.std,
+            final=self.final.to(device),
+            embeds=self.embeds.to(device),
+            prompt_ids=self.prompt_ids,
+            advantages=move(self.advantages),
+        )
+
+
+def _batch(value: Tensor, batch: int, device: torch.device) -> Tensor:
+    return value.to(device=device, dtype=torch.float32).expand(batch)
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: nn.Module,
+    arch: Architecture,
+    kernel: TransitionKernel,
+    sigmas: Tensor,
+    embeds: PromptEmbeds,
+    prompt_ids: Tensor,
+    config: SamplerConfig,
+    generator: torch.Generator,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    channels: int,
+) -> Rollout:
+    """Integrate B trajectories (B = ``len(embeds)``) and record the SDE steps.
+
+    Args:
+        model: the transformer (LoRA-wrapped or not); called in whatever mode it is in.
+        arch: its :class:`~regclip.trainer.arch.Architecture`.
+        kernel: the transition kernel used on ``config.sde_steps``.
+        sigmas: (num_steps + 1,) schedule from ``arch.sigmas``.
+        embeds: B rows of conditioning (one per sample).
+        prompt_ids: (B,) group id of each sample.
+        generator: seeds the initial noise and the per-step noise seeds.
+        dtype: model input precision (latents are kept in float32 between steps).
+        channels: the transformer's ``in_channels``.
+    """
+    if sigmas.shape[0] != config.num_steps + 1:
+        raise ValueError(f"`sigmas` has {sigmas.shape[0]} entries, expected {config.num_steps + 1}")
+    batch = len(embeds)
+    x = arch.initial_latents(batch, channels, config.height, config.width, generator, device)
+    seeds = torch.randint(
+        0, 2**62, (len(config.sde_steps),), generator=generator, device=generator.device
+    ).cpu()
+    record: dict[str, list[Tensor]] = {"x": [], "next": [], "logp": [], "mean": []}
+    t_k, dt_k, std_k = [], [], []
+    sde_index = {step: k for k, step in enumerate(config.sde_steps)}
+    for i in range(config.num_steps):
+        t, t_next = sigmas[i], sigmas[i + 1]
+        v = arch.velocity(model, x, t, embeds, config.guidance, config.height, config.width, dtype)
+        if i not in sde_index:
+            x = x + v * (t_next - t).to(device)
+            continue
+        k = sde_index[i]
+        noise = step_noise(int(seeds[k]), x.shape, device)
+        out = kernel.step(
+            x, v, _batch(t, batch, device), _batch(t_next - t, batch, device), noise=noise
+        )
+        record["x"].append(x)
+        record["next"].append(out.next_sample)
+        record["logp"].append(out.log_prob)
+        if config.store_old_means:
+            record["mean"].append(out.mean)
+        t_k.append(t)
+        dt_k.append(t_next - t)
+        std_k.append(out.std[0].float().cpu())
+        x = out.next_sample
+    return Rollout(
+        latents=torch.stack(record["x"], 1),
+        next_latents=torch.stack(record["next"], 1),
+        log_probs=torch.stack(record["logp"], 1),
+        old_means=torch.stack(record["mean"], 1) if config.store_old_means else None,
+        noise_seeds=seeds,
+        steps=torch.tensor(config.sde_steps, dtype=torch.long),
+        t=torch.stack(t_k).float(),
+        dt=torch.stack(dt_k).float(),
+        std=torch.stack(std_k),
+        final=x,
+        embeds=embeds,
+        prompt_ids=prompt_ids.cpu().long(),
+    )
+
+
+def recompute_transition(
+    model: nn.Module,
+    arch: Architecture,
+    kernel: TransitionKernel,
+    rollout: Rollout,
+    k: int,
+    config: SamplerConfig,
+    *,
+    dtype: torch.dtype,
+) -> KernelStep:
+    """Current policy on SDE step ``k`` of ``rollout``: mean (B, ...) with grad, std (B,),
+    log-prob (B,) of the recorded draw. Same batch layout and precision as the rollout."""
+    x = rollout.latents[:, k]
+    device, batch = x.device, x.shape[0]
+    v = arch.velocity(
+        model, x, rollout.t[k], rollout.embeds, config.guidance, config.height, config.width, dtype
+    )
+    return kernel.step(
+        x,
+        v,
+        _batch(rollout.t[k], batch, device),
+        _batch(rollout.dt[k], batch, device),
+        next_sample=rollout.next_latents[:, k],
+    )

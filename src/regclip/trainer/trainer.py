@@ -1,0 +1,427 @@
+r"""``GRPOTrainer``: GRPO fine-tuning of a diffusers SD3 / Flux transformer with regclip.
+
+One iteration:
+
+1. **Rollout.** ``prompts_per_iteration`` prompts, ``group_size`` samples each, split
+   across ranks and into batches of ``batch_size``; each batch is one
+   :func:`~regclip.trainer.rollout.sample_rollout` (no grad).
+2. **Reward.** Final latents -> VAE decode (or the latents themselves without a VAE) ->
+   ``reward(images, prompts)`` -> per-prompt group advantages
+   (:func:`regclip.group_advantages`, gathered over ranks).
+3. **Update.** For each pass, each rollout batch and each recorded SDE step ``k``:
+   recompute the proposal mean with the same batch layout
+   (:func:`~regclip.trainer.rollout.recompute_transition`), call the preset's
+   :class:`regclip.GuardedPPOLoss`, backward. Gradients accumulate over all SDE steps of
+   ``accumulate_batches`` batches (accelerate's gradient accumulation, which divides the
+   loss by that count), then clip, optimizer step, EMA step.
+
+Multi-GPU runs go through ``accelerate launch`` (DDP); nothing here is device-specific.
+The rollout uses the unwrapped model under ``accelerator.autocast()``; accelerate applies
+the same autocast to the prepared model, so both passes compute in the same precision.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import presets
+from ..advantages import group_advantages
+from ..diagnostics import TimestepDiagnostics
+from ..kernels import FlowSDE, TransitionKernel, make_kernel
+from ..loss import GuardedPPOLoss, LossOutput
+from .arch import Guidance, model_config
+from .build import Components, dtype_from_name
+from .config import TrainConfig
+from .rollout import Rollout, SamplerConfig, recompute_transition, sample_rollout
+
+__all__ = ["GRPOTrainer", "build_kernel", "build_loss", "decode_images"]
+
+STATE_FILE = "trainer_state.pt"
+
+
+def build_kernel(sde: str, eta: float | None, sigmas: Tensor) -> TransitionKernel:
+    """The transition kernel; a Flow-SDE gets the schedule's ``sigma_max`` (for t = 1)."""
+    if sde == "flow":
+        return FlowSDE.from_sigmas(sigmas, 0.7 if eta is None else eta)
+    return make_kernel(sde, eta)
+
+
+def build_loss(
+    preset: str,
+    kernel: TransitionKernel,
+    sde: str,
+    *,
+    clip_range: float | None = None,
+    adv_clip: float | None = 5.0,
+    kl_coef: float = 0.0,
+) -> GuardedPPOLoss:
+    """``regclip.presets.from_name`` with the kernel handed to the presets that use one."""
+    if preset not in presets.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}")
+    factory: Any = presets.PRESETS[preset]
+    params = inspect.signature(factory).parameters
+    kwargs: dict[str, Any] = {"adv_clip": adv_clip, "kl_coef": kl_coef}
+    if clip_range is not None:
+        kwargs["clip_range"] = clip_range
+    if "kernel" in params:
+        kwargs["kernel"] = kernel
+    if "sde" in params:
+        kwargs["sde"] = sde
+    return presets.from_name(preset, **kwargs)
+
+
+@torch.no_grad()
+def decode_images(vae: Any, latents: Tensor) -> Tensor:
+    """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [0, 1].
+
+    Undoes the pipelines' latent normalisation, ``z / scaling_factor + shift_factor``.
+    """
+    cfg = vae.config
+    z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _seed(*keys: int) -> int:
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
+    return int(state[0] % (2**63))
+
+
+class GRPOTrainer:
+    """See the module docstring. Build with :func:`regclip.trainer.build_components`."""
+
+    def __init__(
+        self, config: TrainConfig, components: Components, accelerator: Any = None
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.arch = components.arch
+        self.prompts = components.prompts
+        self.reward_fn = components.reward
+        self.sampler = SamplerConfig(
+            num_steps=config.num_steps,
+            sde_steps=config.trained_steps,
+            height=config.resolution,
+            width=config.resolution,
+            guidance=Guidance(config.cfg_scale, config.embedded_guidance),
+        )
+        num_sde = len(self.sampler.sde_steps)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.accumulate_batches * num_sde,
+            cpu=config.device == "cpu",
+        )
+        self.device = self.accelerator.device
+        if not config.cudnn_attention:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        self.input_dtype = dtype_from_name(config.weight_dtype)
+
+        transformer = components.transformer
+        self.lora = not config.full_finetune
+        transformer.requires_grad_(config.full_finetune)
+        if self.lora:
+            from peft import LoraConfig
+
+            transformer.add_adapter(  # type: ignore[operator]
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora_targets),
+                )
+            )
+            for param in transformer.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()  # type: ignore[operator]
+        transformer.to(self.device)
+        self.trainable = [p for p in transformer.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.model, self.optimizer = self.accelerator.prepare(transformer, optimizer)
+        self.vae = components.vae.to(self.device) if components.vae is not None else None
+
+        self.sigmas = self.arch.sigmas(
+            self.arch.make_scheduler(), config.num_steps, config.resolution, config.resolution
+        )
+        self.kernel = build_kernel(config.sde, config.eta, self.sigmas)
+        self.loss_fn = build_loss(
+            config.preset,
+            self.kernel,
+            config.sde,
+            clip_range=config.clip_range,
+            adv_clip=config.adv_clip,
+            kl_coef=config.kl_coef,
+        )
+        self.ema = None
+        if config.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=config.ema_decay)
+        self.diagnostics = TimestepDiagnostics()
+        self.iteration = 0
+        self.output_dir = Path(config.output_dir)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def unwrapped(self) -> nn.Module:
+        model: nn.Module = self.accelerator.unwrap_model(self.model)
+        return model
+
+    def _generator(self, *keys: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(_seed(self.config.seed, *keys))
+
+    def sample_prompt_ids(self) -> Tensor:
+        """(N_rank,) prompt index of this rank's samples in the current iteration.
+
+        Chosen with a generator shared by all ranks, so group ids agree across ranks.
+        """
+        cfg = self.config
+        g = torch.Generator().manual_seed(_seed(cfg.seed, self.iteration, 1))
+        n, p = len(self.prompts), cfg.prompts_per_iteration
+        chosen = (
+            torch.randperm(n, generator=g)[:p] if p <= n else torch.randint(n, (p,), generator=g)
+        )
+        ids = chosen.repeat_interleave(cfg.group_size)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_rank = len(ids) // world
+        if (
+            len(ids) % world
+            or per_rank % cfg.batch_size
+            or (per_rank // cfg.batch_size) % cfg.accumulate_batches
+        ):
+            raise ValueError(
+                f"prompts_per_iteration * group_size = {len(ids)} must split into {world} rank(s) "
+                f"x whole batches of {cfg.batch_size} x accumulate_batches {cfg.accumulate_batches}"
+            )
+        return ids[rank * per_rank : (rank + 1) * per_rank]
+
+    # ------------------------------------------------------------------ phases
+    def rollout(self) -> tuple[list[Rollout], Tensor]:
+        """Sample this rank's rollouts, score them, fill in their advantages.
+
+        Returns the rollouts and this rank's rewards (N_rank,).
+        """
+        ids = self.sample_prompt_ids()
+        model = self.unwrapped
+        channels = int(model_config(model).in_channels)
+        rollouts = []
+        rank = self.accelerator.process_index
+        for b, start in enumerate(range(0, len(ids), self.config.batch_size)):
+            batch_ids = ids[start : start + self.config.batch_size]
+            embeds = self.prompts.embeds.select(batch_ids).to(self.device)
+            with self.accelerator.autocast():
+                rollouts.append(
+                    sample_rollout(
+                        model,
+                        self.arch,
+                        self.kernel,
+                        self.sigmas,
+                        embeds,
+                        batch_ids,
+                        self.sampler,
+                        self._generator(self.iteration, rank, b, 2),
+                        dtype=self.input_dtype,
+                        device=self.device,
+                        channels=channels,
+                    )
+                )
+        rewards = torch.cat([self.score(r) for r in rollouts])
+        std: Any = self.config.advantage_std
+        advantages = group_advantages(rewards, ids.to(rewards.device), std=std)
+        for r, adv in zip(rollouts, advantages.split(self.config.batch_size), strict=True):
+            r.advantages = adv.to(self.device)
+        return rollouts, rewards
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Tensor:
+        """(B,) rewards of a rollout's final samples (decoded when there is a VAE)."""
+        latents = self.arch.to_image_latents(
+            rollout.final, self.config.resolution, self.config.resolution
+        )
+        images = latents if self.vae is None else decode_images(self.vae, latents)
+        texts = [self.prompts.texts[int(i)] for i in rollout.prompt_ids]
+        rewards = torch.as_tensor(self.reward_fn(images, texts), dtype=torch.float32)
+        return rewards.reshape(-1).to(self.device)
+
+    def transition_loss(self, rollout: Rollout, k: int) -> LossOutput:
+        """The preset's loss on SDE step ``k`` of ``rollout`` (current policy, with grad)."""
+        if rollout.advantages is None:
+            raise ValueError("the rollout has no advantages: run `rollout()` first")
+        step = recompute_transition(
+            self.model, self.arch, self.kernel, rollout, k, self.sampler, dtype=self.input_dtype
+        )
+        batch = rollout.batch_size
+        extra = {}
+        if self.config.kl_coef > 0:
+            extra["ref_mean"] = self._reference_mean(rollout, k)
+        return self.loss_fn(
+            advantages=rollout.advantages,
+            mean=step.mean,
+            old_mean=rollout.old_mean(k),
+            next_sample=rollout.next_latents[:, k],
+            std=step.std,
+            dt=rollout.dt[k].to(self.device).expand(batch),
+            t=rollout.t[k].to(self.device).expand(batch),
+            **extra,
+        )
+
+    @torch.no_grad()
+    def _reference_mean(self, rollout: Rollout, k: int) -> Tensor:
+        if not self.lora:
+            raise ValueError(
+                "the KL term needs a reference model: use LoRA (the adapter-free base)"
+            )
+        model = self.unwrapped
+        model.disable_adapters()  # type: ignore[operator]
+        try:
+            with self.accelerator.autocast():
+                ref = recompute_transition(
+                    model, self.arch, self.kernel, rollout, k, self.sampler, dtype=self.input_dtype
+                )
+        finally:
+            model.enable_adapters()  # type: ignore[operator]
+        return ref.mean
+
+    def update(self, rollouts: list[Rollout]) -> dict[str, float]:
+        """All optimizer passes over ``rollouts``; returns mean loss metrics and grad norm."""
+        sums: dict[str, float] = defaultdict(float)
+        calls, steps = 0, 0
+        g = torch.Generator().manual_seed(_seed(self.config.seed, self.iteration, 3))
+        self.model.train()
+        for _ in range(self.config.passes):
+            for b in torch.randperm(len(rollouts), generator=g).tolist():
+                rollout = rollouts[b]
+                for k in range(rollout.num_sde_steps):
+                    with self.accelerator.accumulate(self.model):
+                        out = self.transition_loss(rollout, k)
+                        self.accelerator.backward(out.loss)
+                        if self.accelerator.sync_gradients:
+                            norm = self.accelerator.clip_grad_norm_(
+                                self.trainable, self.config.max_grad_norm
+                            )
+                            sums["grad_norm"] += float(norm)
+                            steps += 1
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    if self.accelerator.sync_gradients and self.ema is not None:
+                        self.ema.step(self.trainable)
+                    self.diagnostics.update(int(rollout.steps[k]), out)
+                    for name, value in out.metrics.items():
+                        sums[name] += value
+                    calls += 1
+        metrics = {name: value / calls for name, value in sums.items() if name != "grad_norm"}
+        if steps:
+            metrics["grad_norm"] = sums["grad_norm"] / steps
+        metrics["optimizer_steps"] = float(steps)
+        return metrics
+
+    def train_iteration(self) -> dict[str, Any]:
+        """Rollout + update; returns the iteration's metrics (and per-step diagnostics)."""
+        start = time.perf_counter()
+        self.diagnostics.reset()
+        rollouts, rewards = self.rollout()
+        rollout_time = time.perf_counter() - start
+        metrics: dict[str, Any] = self.update(rollouts)
+        all_rewards = self.accelerator.gather(rewards)
+        metrics.update(
+            {
+                "reward/mean": float(all_rewards.mean()),
+                "reward/std": float(all_rewards.std(unbiased=False)),
+                "time/rollout": rollout_time,
+                "time/iteration": time.perf_counter() - start,
+            }
+        )
+        self.iteration += 1
+        metrics["iteration"] = self.iteration
+        metrics["timesteps"] = {str(k): v for k, v in self.diagnostics.summary().items()}
+        return metrics
+
+    def fit(self, iterations: int | None = None) -> list[dict[str, Any]]:
+        """Train to ``iterations`` (default ``config.iterations``) with a progress bar,
+        logging JSON lines to ``output_dir/metrics.jsonl`` and checkpointing."""
+        from tqdm.auto import tqdm
+
+        total = self.config.iterations if iterations is None else iterations
+        history = []
+        main = self.accelerator.is_main_process
+        log_path = self.output_dir / "metrics.jsonl"
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        progress = tqdm(range(self.iteration, total), disable=not main, desc="regclip train")
+        for _ in progress:
+            metrics = self.train_iteration()
+            history.append(metrics)
+            if main:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                progress.set_postfix(
+                    reward=f"{metrics['reward/mean']:.4g}",
+                    clip=f"{metrics.get('clip/frac', 0):.3f}",
+                    shift_z=f"{metrics.get('log_ratio/shift_z', 0):.2f}",
+                )
+            every = self.config.checkpoint_every
+            if every and (self.iteration % every == 0 or self.iteration == total):
+                self.save_checkpoint()
+        return history
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints" / f"iter_{self.iteration:06d}"
+
+    def save_checkpoint(self, directory: str | Path | None = None) -> Path:
+        """Trainable weights, optimizer, EMA and iteration to ``directory/trainer_state.pt``
+        (plus the LoRA adapter in diffusers format under ``directory/lora``)."""
+        path = Path(directory) if directory is not None else self.checkpoint_dir()
+        if self.accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+            model = self.unwrapped
+            state = {
+                "trainable": {
+                    n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad
+                },
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "iteration": self.iteration,
+                "config": self.config.to_dict(),
+            }
+            torch.save(state, path / STATE_FILE)
+            if self.lora:
+                model.save_lora_adapter(path / "lora")  # type: ignore[operator]
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore a :meth:`save_checkpoint` directory (``"latest"``: newest in output_dir)."""
+        path = Path(directory)
+        if str(directory) == "latest":
+            candidates = sorted((self.output_dir / "checkpoints").glob("iter_*"))
+            if not candidates:
+                raise FileNotFoundError(f"no checkpoints under {self.output_dir / 'checkpoints'}")
+            path = candidates[-1]
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        params = dict(self.unwrapped.named_parameters())
+        missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
+        if missing:
+            raise ValueError(
+                f"checkpoint and model disagree on trainable parameters: {sorted(missing)[:5]}"
+            )
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.iteration = int(state["iteration"])

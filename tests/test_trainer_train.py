@@ -1,0 +1,160 @@
+"""GRPOTrainer on tiny random SD3 / Flux models: LoRA-only updates, exact resume, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regclip.cli import main as regclip_main
+from regclip.trainer import (
+    GRPOTrainer,
+    TrainConfig,
+    build_components,
+    colorfulness,
+    jpeg_compressibility,
+    load_reward,
+)
+
+
+def _trainer(tmp_path: Path, arch: str, **overrides: object) -> GRPOTrainer:
+    config = TrainConfig.smoke(arch, output_dir=str(tmp_path), **overrides)
+    return GRPOTrainer(config, build_components(config))
+
+
+def _snapshot(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_training_step_changes_lora_weights_and_nothing_else(tmp_path: Path, arch: str) -> None:
+    trainer = _trainer(tmp_path, arch, seed=int(torch.randint(1 << 20, ())))
+    before = _snapshot(trainer)
+    buffers = {n: b.clone() for n, b in trainer.unwrapped.named_buffers()}
+    vae_before = {n: p.clone() for n, p in trainer.vae.state_dict().items()}
+    metrics = trainer.train_iteration()
+    after = _snapshot(trainer)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    lora = {n for n in before if "lora_" in n}
+    lora_b = {n for n in lora if "lora_B" in n}
+    assert changed, "the step changed nothing"
+    assert changed <= lora, f"non-LoRA parameters changed: {sorted(changed - lora)[:5]}"
+    # SD3's last block is `context_pre_only`: its context queries feed only discarded
+    # outputs, so that adapter has no gradient. Every other LoRA B matrix must move.
+    last = f"transformer_blocks.{trainer.unwrapped.config.num_layers - 1}.attn.add_q_proj."
+    no_gradient = {n for n in lora_b if arch == "sd3" and n.startswith(last)}
+    assert lora_b - no_gradient <= changed, f"LoRA B left unchanged: {sorted(lora_b - changed)[:5]}"
+    assert all(
+        torch.equal(b, dict(trainer.unwrapped.named_buffers())[n]) for n, b in buffers.items()
+    )
+    assert all(torch.equal(v, trainer.vae.state_dict()[n]) for n, v in vae_before.items())
+    assert metrics["optimizer_steps"] == 2  # 2 prompts x 4 samples / batch 4, accumulate 1
+    assert set(metrics["timesteps"]) == {"0", "1", "2"}
+
+
+def test_first_micro_batch_has_ratio_exactly_one(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, "sd3", prompts_per_iteration=1)
+    rollouts, _ = trainer.rollout()
+    for k in range(rollouts[0].num_sde_steps):
+        out = trainer.transition_loss(rollouts[0], k)
+        assert torch.equal(out.ratio.detach(), torch.ones_like(out.ratio))
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_resume_reproduces_the_next_step(tmp_path: Path, arch: str) -> None:
+    overrides = {"ema_decay": 0.9, "passes": 2, "seed": int(torch.randint(1 << 20, ()))}
+    straight = _trainer(tmp_path / "a", arch, **overrides)
+    straight.train_iteration()
+    expected_metrics = straight.train_iteration()
+    expected = _snapshot(straight)
+
+    first = _trainer(tmp_path / "b", arch, **overrides)
+    first.train_iteration()
+    checkpoint = first.save_checkpoint()
+    assert (checkpoint / "lora").is_dir()
+
+    resumed = _trainer(tmp_path / "b", arch, **overrides)
+    resumed.load_checkpoint("latest")
+    assert resumed.iteration == 1
+    metrics = resumed.train_iteration()
+    got = _snapshot(resumed)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+    assert metrics["loss"] == expected_metrics["loss"]
+    assert metrics["reward/mean"] == expected_metrics["reward/mean"]
+    assert resumed.ema is not None and straight.ema is not None
+    for a, b in zip(resumed.ema.shadow_params, straight.ema.shadow_params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gradients_accumulate_over_batches_and_timesteps(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, "flux", accumulate_batches=2, vae=None, reward="latent_std")
+    metrics = trainer.train_iteration()
+    assert metrics["optimizer_steps"] == 1
+    assert trainer.accelerator.gradient_accumulation_steps == 2 * 3
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_cli_smoke_runs_and_checkpoints(
+    tmp_path: Path, arch: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        regclip_main(
+            [
+                "train",
+                "--smoke",
+                "--arch",
+                arch,
+                "--output-dir",
+                str(tmp_path),
+                "--preset",
+                "grpo_guard",
+            ]
+        )
+        == 0
+    )
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "clip/frac" in json.loads(lines[0])
+    assert (tmp_path / "checkpoints" / "iter_000001" / "trainer_state.pt").is_file()
+    assert '"reward/mean"' in capsys.readouterr().out
+
+
+def test_config_files_json_and_toml_agree(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(
+        'arch = "flux"\ngroup_size = 12\nsde_steps = [0, 1]\npreset = "flow_grpo"\n'
+    )
+    (tmp_path / "c.json").write_text(
+        json.dumps({"arch": "flux", "group_size": 12, "sde_steps": [0, 1], "preset": "flow_grpo"})
+    )
+    assert TrainConfig.from_file(tmp_path / "c.toml") == TrainConfig.from_file(tmp_path / "c.json")
+    assert TrainConfig.from_file(tmp_path / "c.toml").trained_steps == (0, 1)
+    (tmp_path / "bad.json").write_text('{"group_sise": 3}')
+    with pytest.raises(ValueError, match="group_sise"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+
+
+def test_jpeg_compressibility_prefers_flat_images() -> None:
+    g = torch.Generator().manual_seed(0)
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noisy = torch.rand((1, 3, 64, 64), generator=g)
+    assert jpeg_compressibility(flat).item() > jpeg_compressibility(noisy).item()
+    assert jpeg_compressibility(noisy).item() < 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(gray=st.floats(0, 1), red=st.floats(0.2, 1))
+def test_colorfulness_is_zero_for_gray_and_positive_for_colour(gray: float, red: float) -> None:
+    assert colorfulness(torch.full((1, 3, 4, 4), gray)).item() == pytest.approx(0, abs=1e-4)
+    colour = torch.zeros(1, 3, 4, 4)
+    colour[:, 0] = red
+    assert colorfulness(colour).item() > 0
+
+
+def test_rewards_load_by_name_or_import_path() -> None:
+    assert load_reward("colorfulness") is colorfulness
+    assert load_reward("regclip.trainer.rewards:jpeg_compressibility") is jpeg_compressibility
+    with pytest.raises(ValueError, match="unknown reward"):
+        load_reward("pickscore")
