@@ -159,21 +159,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fused_function(finalize_in_reduction: bool) -> Callable[[Transitions], torch.Tensor]:
     """The fused autograd function alone (no batch checks, no LossOutput): kernel cost."""
-    cfg = SurrogateConfig(True, 5.0, 1 - CLIP_GUARD, 1 + CLIP_GUARD, None, finalize_in_reduction)
+    bounds = (1 - CLIP_GUARD, 1 + CLIP_GUARD)
+    cfg = SurrogateConfig(True, 1, 1, 5.0, *bounds, None, finalize_in_reduction)
 
     def run(tr: Transitions) -> torch.Tensor:
-        weight = 1.0 / tr.dt.abs()
-        loss = fused_guard(
-            tr.mean,
-            tr.noise,
-            tr.next_sample,
-            tr.std,
-            tr.std,
-            weight,
-            tr.advantages,
-            cfg,
-            noise=True,
-        )[0]
+        args = (tr.mean, tr.noise, tr.next_sample, tr.std, tr.dt, tr.advantages)
+        loss = fused_guard(*args, cfg, noise=True)[0]
         return torch.autograd.grad(loss, tr.mean)[0]
 
     return run
@@ -250,6 +241,45 @@ def bench_shapes(
         log(f"  grad rel err vs eager: {checks}")
         del sets
     return out
+
+
+def host_overhead(device: str, smoke: bool, iters: int, repeats: int) -> dict[str, float]:
+    """ms per call of the host-side pieces (eager, launch gaps included): what a launch-bound
+    loss cannot go below on this machine."""
+    batch, shape = (CPU_SHAPES if smoke else GPU_SHAPES)["sd35m_512"]
+    tr = make_transitions(batch, shape, device, torch.Generator(device=device).manual_seed(4))
+    loss_fn = presets.grpo_guard(sde="flow", clip_range=CLIP_GUARD)
+    loss_fn.validate, loss_fn.fused = False, True
+    kw = dict(
+        advantages=tr.advantages,
+        mean=tr.mean,
+        next_sample=tr.next_sample,
+        noise=tr.noise,
+        std=tr.std,
+        dt=tr.dt,
+    )
+    small = torch.zeros(8, device=device)
+    leaf = torch.zeros(8, device=device, requires_grad=True)
+    stats = torch.zeros(19, device=device)
+    fns: dict[str, Callable[[Any], Any]] = {
+        "one_torch_op": lambda _: small.add_(1.0),
+        "trivial_autograd_fwd_bwd": lambda _: torch.autograd.grad((leaf * 2.0).sum(), leaf),
+        "metric_dict_unbind": lambda _: dict(enumerate(stats.unbind(0))),
+        "fused_loss_forward_only": lambda _: loss_fn(**kw),
+        "fused_loss_forward_backward": lambda _: torch.autograd.grad(loss_fn(**kw).loss, tr.mean),
+    }
+    if device == "cuda":
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def bump(ptr, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(ptr + offs, tl.load(ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+        fns["one_triton_launch"] = lambda _: bump[(1,)](small, 8, BLOCK=8)
+    times = interleaved(fns, [None], iters, repeats, device)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def check_compile_and_graph(device: str, smoke: bool) -> dict[str, Any]:
@@ -494,6 +524,7 @@ def main() -> int:
                 result["copy_bandwidth_GBps"],
             ),
         ),
+        ("host_overhead_ms", lambda: host_overhead(device, args.smoke, iters, repeats)),
         ("compile_and_graph", lambda: check_compile_and_graph(device, args.smoke)),
     ]
     if not args.skip_model:

@@ -13,7 +13,14 @@ import torch
 import regclip
 from regclip import fused, presets
 
-PRESETS = ("flow_grpo", "mean_revised", "ratio_norm", "grpo_guard", "velocity_guard")
+PRESETS = (
+    "flow_grpo",
+    "mean_revised",
+    "ratio_norm",
+    "grpo_guard",
+    "grpo_guard_dance",
+    "velocity_guard",
+)
 
 DEVICES = [
     pytest.param("cuda", marks=pytest.mark.gpu),
@@ -72,7 +79,10 @@ def make_inputs(
 
 def build(name: str, fused_path: bool, *, dual: bool = False) -> regclip.GuardedPPOLoss:
     clip = {"flow_grpo": 1e-3, "mean_revised": 1e-3}.get(name, 2e-4)
-    loss_fn = presets.from_name(name, clip_range=clip)
+    if name == "grpo_guard_dance":  # equalizing weights: a reweighter computed eagerly
+        loss_fn = presets.grpo_guard(sde="dance", clip_range=clip)
+    else:
+        loss_fn = presets.from_name(name, clip_range=clip)
     if dual:
         loss_fn.surrogate = regclip.DualClip(clip, dual=1.0 + 2 * clip)
     loss_fn.fused = fused_path
@@ -181,26 +191,22 @@ def test_fused_at_model_shapes_against_float64(batch: int, shape: tuple[int, ...
         assert torch.equal(again_grad, grad)
 
 
-@pytest.mark.gpu
-def test_fused_two_launch_variant_matches_single_launch() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_two_launch_variant_matches_single_launch(device: str) -> None:
     from regclip.fused.function import SurrogateConfig, fused_guard
 
-    inputs, _ = make_inputs(8, (16, 64, 64), device="cuda")
-    args = [inputs[k].detach() for k in ("mean", "old_mean", "next_sample", "std")]
-    scale, weight = inputs["std"], 1 / inputs["dt"].abs()
+    inputs, _ = make_inputs(6, (16, 24, 24), device=device)
+    args = [
+        inputs[k].detach() for k in ("mean", "old_mean", "next_sample", "std", "dt", "advantages")
+    ]
     results = [
         fused_guard(
-            *args,
-            scale,
-            weight,
-            inputs["advantages"],
-            SurrogateConfig(True, 5.0, 1 - 2e-4, 1 + 2e-4, None, one),
-            noise=False,
+            *args, SurrogateConfig(True, 1, 1, 5.0, 1 - 2e-4, 1 + 2e-4, None, one), noise=False
         )
-        for one in (True, False)
+        for one in (True, False, True)
     ]
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    for a, b, c in zip(*results, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .._validate import check_finite
 from ..batch import TransitionBatch
+from ..reweight import InverseDtWeight, UniformWeight
 from ..surrogate import ClippedSurrogate
 
 if TYPE_CHECKING:
@@ -116,13 +117,18 @@ def fused_forward(
             )
         if loss_fn.validate:
             check_finite(noise, "noise")
-    normalizer, surrogate = loss_fn.normalizer, loss_fn.surrogate
-    scale = normalizer.scale_factor(batch)
-    weight = loss_fn.reweighter(batch, normalizer)
-    if scale.requires_grad or weight.requires_grad:
+    normalizer, surrogate, reweighter = loss_fn.normalizer, loss_fn.surrogate, loss_fn.reweighter
+    # the common scales and weights are computed in the kernel (no extra launches)
+    scale_mode = {"none": 0, "std": 1}.get(normalizer.scale, 2)
+    weight_mode = {UniformWeight: 0, InverseDtWeight: 1}.get(type(reweighter), 2)
+    scale = normalizer.scale_factor(batch).float().contiguous() if scale_mode == 2 else None
+    weight = reweighter(batch, normalizer).float().contiguous() if weight_mode == 2 else None
+    if any(v is not None and v.requires_grad for v in (scale, weight)):
         return None
     cfg = SurrogateConfig(
         debias=normalizer.debias,
+        scale_mode=scale_mode,
+        weight_mode=weight_mode,
         adv_clip=loss_fn.adv_clip,
         lo_bound=None if surrogate.low is None else 1.0 - surrogate.low,
         hi_bound=None if surrogate.high is None else 1.0 + surrogate.high,
@@ -130,17 +136,19 @@ def fused_forward(
     )
     other = old_mean if noise is None else noise
     assert other is not None
-    loss, log_ratio, ratio, clipped, adv, stats = fused_guard(
-        mean, other, next_sample, batch.std, scale, weight, batch.advantages, cfg,
-        noise=noise is not None,
+    f32 = torch.float32
+    loss, log_ratio, ratio, clipped, rows, stats = fused_guard(
+        mean, other, next_sample, batch.std.to(f32).contiguous(), batch.dt.to(f32).contiguous(),
+        batch.advantages.to(f32).contiguous(), cfg, noise=noise is not None,
+        scale=scale, weight=weight,
     )  # fmt: skip
     return LossOutput(
         loss=loss,
         log_ratio=log_ratio,
         ratio=ratio,
         clipped=clipped,
-        weight=weight.to(log_ratio.dtype),
-        advantages=adv,
+        weight=rows[4],
+        advantages=rows[3],
         clip_bounds=(surrogate.low, surrogate.high),
         metric_tensors=dict(zip(STAT_NAMES, stats.unbind(0), strict=True)),
     )

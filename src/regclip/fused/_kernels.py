@@ -50,12 +50,12 @@ def _load_pair(mean_ptr, other_ptr, next_ptr, s, offs, mask, NOISE: tl.constexpr
 
 @triton.jit
 def _finalize(
-    work_ptr, std_ptr, scale_ptr, weight_ptr, adv_ptr,
-    loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, adv_out_ptr, coef_ptr, stats_ptr,
+    work_ptr, std_ptr, dt_ptr, scale_ptr, weight_ptr, adv_ptr,
+    loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, aux_ptr,
     B, C, inv_d, inv_b, adv_clip, lo_bound, hi_bound, dual,
-    DEBIAS: tl.constexpr, HAS_ADV_CLIP: tl.constexpr, HAS_LOW: tl.constexpr,
-    HAS_HIGH: tl.constexpr, HAS_DUAL: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    DEBIAS: tl.constexpr, SCALE_MODE: tl.constexpr, WEIGHT_MODE: tl.constexpr,
+    HAS_ADV_CLIP: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr,
+    HAS_DUAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     offs_b = tl.arange(0, BLOCK_B)
     valid = offs_b < B
@@ -65,14 +65,22 @@ def _finalize(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         idx = offs_b[:, None] * C + offs_c[None, :]
         m = valid[:, None] & (offs_c[None, :] < C)
-        cross += tl.sum(tl.load(work_ptr + 1 + idx, mask=m, other=0.0, cache_modifier=".cg"), 1)
-        sq += tl.sum(
-            tl.load(work_ptr + 1 + B * C + idx, mask=m, other=0.0, cache_modifier=".cg"), 1
-        )
+        cross += tl.sum(tl.load(work_ptr + idx, mask=m, other=0.0, cache_modifier=".cg"), 1)
+        sq += tl.sum(tl.load(work_ptr + B * C + idx, mask=m, other=0.0, cache_modifier=".cg"), 1)
 
     s = tl.load(std_ptr + offs_b, mask=valid, other=1.0)
-    scale = tl.load(scale_ptr + offs_b, mask=valid, other=0.0)
-    w = tl.load(weight_ptr + offs_b, mask=valid, other=0.0)
+    if SCALE_MODE == 0:  # vanilla, mean-revised
+        scale = s * 0.0 + 1.0
+    elif SCALE_MODE == 1:  # RatioNorm
+        scale = s
+    else:
+        scale = tl.load(scale_ptr + offs_b, mask=valid, other=0.0)
+    if WEIGHT_MODE == 0:  # uniform
+        w = tl.where(valid, 1.0, 0.0)
+    elif WEIGHT_MODE == 1:  # inverse dt
+        w = tl.where(valid, 1.0 / tl.abs(tl.load(dt_ptr + offs_b, mask=valid, other=-1.0)), 0.0)
+    else:
+        w = tl.load(weight_ptr + offs_b, mask=valid, other=0.0)
     a_raw = tl.load(adv_ptr + offs_b, mask=valid, other=0.0)
     a = a_raw
     if HAS_ADV_CLIP:
@@ -108,10 +116,13 @@ def _finalize(
     tl.store(log_ratio_ptr + offs_b, r, mask=valid)
     tl.store(ratio_ptr + offs_b, rho, mask=valid)
     tl.store(clipped_ptr + offs_b, clipped, mask=valid)
-    tl.store(adv_out_ptr + offs_b, a, mask=valid)
-    tl.store(coef_ptr + offs_b, grad_r, mask=valid)
-    tl.store(coef_ptr + B + offs_b, cc, mask=valid)
-    tl.store(coef_ptr + 2 * B + offs_b, cq, mask=valid)
+    # aux rows (see regclip.fused.function): dL/dr, cc, cq, clipped advantages, weights
+    tl.store(aux_ptr + offs_b, grad_r, mask=valid)
+    tl.store(aux_ptr + B + offs_b, cc, mask=valid)
+    tl.store(aux_ptr + 2 * B + offs_b, cq, mask=valid)
+    tl.store(aux_ptr + 3 * B + offs_b, a, mask=valid)
+    tl.store(aux_ptr + 4 * B + offs_b, w, mask=valid)
+    stats_ptr = aux_ptr + 5 * B
 
     rho_mean = tl.sum(tl.where(valid, rho, 0.0), 0) * inv_b
     rho_dev = tl.where(valid, rho - rho_mean, 0.0)
@@ -144,16 +155,20 @@ def _finalize(
 
 @triton.jit
 def guard_forward_kernel(
-    mean_ptr, other_ptr, next_ptr, std_ptr, scale_ptr, weight_ptr, adv_ptr, work_ptr,
-    loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, adv_out_ptr, coef_ptr, stats_ptr,
+    mean_ptr, other_ptr, next_ptr, std_ptr, dt_ptr, scale_ptr, weight_ptr, adv_ptr,
+    counter_ptr, work_ptr, loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, aux_ptr,
     B, C, D, CHUNK, inv_d, inv_b, adv_clip, lo_bound, hi_bound, dual,
-    NOISE: tl.constexpr, DEBIAS: tl.constexpr, HAS_ADV_CLIP: tl.constexpr,
-    HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr, HAS_DUAL: tl.constexpr,
-    FINALIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    NOISE: tl.constexpr, DEBIAS: tl.constexpr, SCALE_MODE: tl.constexpr,
+    WEIGHT_MODE: tl.constexpr, HAS_ADV_CLIP: tl.constexpr, HAS_LOW: tl.constexpr,
+    HAS_HIGH: tl.constexpr, HAS_DUAL: tl.constexpr, FINALIZE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(C, B)``: chunk partial sums, and (``FINALIZE``) the last program finalizes.
 
-    ``work_ptr`` is a zeroed float32 buffer ``[counter, C_partials (B, C), Q_partials (B, C)]``.
+    ``work_ptr`` holds the partials ``[C_partials (B, C), Q_partials (B, C)]``;
+    ``counter_ptr`` is a float32 counter that is 0 on entry and that the finalizing
+    program resets to 0 (so it needs no zeroing launch; calls on one device must not
+    overlap on two streams).
     """
     chunk = tl.program_id(0)
     b = tl.program_id(1)
@@ -167,35 +182,38 @@ def guard_forward_kernel(
         e, d = _load_pair(mean_ptr, other_ptr, next_ptr, s, row + idx, idx < D, NOISE)
         acc_c += e * d
         acc_q += d * d
-    tl.store(work_ptr + 1 + b * C + chunk, tl.sum(acc_c, 0))
-    tl.store(work_ptr + 1 + B * C + b * C + chunk, tl.sum(acc_q, 0))
+    tl.store(work_ptr + b * C + chunk, tl.sum(acc_c, 0))
+    tl.store(work_ptr + B * C + b * C + chunk, tl.sum(acc_q, 0))
     if FINALIZE:
         tl.debug_barrier()
-        done = tl.atomic_add(work_ptr, 1.0, sem="acq_rel", scope="gpu")
+        done = tl.atomic_add(counter_ptr, 1.0, sem="acq_rel", scope="gpu")
         if done == B * C - 1:
             _finalize(
-                work_ptr, std_ptr, scale_ptr, weight_ptr, adv_ptr,
-                loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, adv_out_ptr, coef_ptr, stats_ptr,
+                work_ptr, std_ptr, dt_ptr, scale_ptr, weight_ptr, adv_ptr,
+                loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, aux_ptr,
                 B, C, inv_d, inv_b, adv_clip, lo_bound, hi_bound, dual,
-                DEBIAS, HAS_ADV_CLIP, HAS_LOW, HAS_HIGH, HAS_DUAL, BLOCK_B, BLOCK_C,
+                DEBIAS, SCALE_MODE, WEIGHT_MODE, HAS_ADV_CLIP, HAS_LOW, HAS_HIGH, HAS_DUAL,
+                BLOCK_B, BLOCK_C,
             )  # fmt: skip
+            tl.store(counter_ptr, 0.0)
 
 
 @triton.jit
 def guard_finalize_kernel(
-    work_ptr, std_ptr, scale_ptr, weight_ptr, adv_ptr,
-    loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, adv_out_ptr, coef_ptr, stats_ptr,
+    work_ptr, std_ptr, dt_ptr, scale_ptr, weight_ptr, adv_ptr,
+    loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, aux_ptr,
     B, C, inv_d, inv_b, adv_clip, lo_bound, hi_bound, dual,
-    DEBIAS: tl.constexpr, HAS_ADV_CLIP: tl.constexpr, HAS_LOW: tl.constexpr,
-    HAS_HIGH: tl.constexpr, HAS_DUAL: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    DEBIAS: tl.constexpr, SCALE_MODE: tl.constexpr, WEIGHT_MODE: tl.constexpr,
+    HAS_ADV_CLIP: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr,
+    HAS_DUAL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(1,)``: the finalize step as its own launch (the two-launch variant)."""
     _finalize(
-        work_ptr, std_ptr, scale_ptr, weight_ptr, adv_ptr,
-        loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, adv_out_ptr, coef_ptr, stats_ptr,
+        work_ptr, std_ptr, dt_ptr, scale_ptr, weight_ptr, adv_ptr,
+        loss_ptr, log_ratio_ptr, ratio_ptr, clipped_ptr, aux_ptr,
         B, C, inv_d, inv_b, adv_clip, lo_bound, hi_bound, dual,
-        DEBIAS, HAS_ADV_CLIP, HAS_LOW, HAS_HIGH, HAS_DUAL, BLOCK_B, BLOCK_C,
+        DEBIAS, SCALE_MODE, WEIGHT_MODE, HAS_ADV_CLIP, HAS_LOW, HAS_HIGH, HAS_DUAL,
+        BLOCK_B, BLOCK_C,
     )  # fmt: skip
 
 

@@ -30,9 +30,13 @@ MAX_BATCH = 4096
 
 @dataclass(frozen=True)
 class SurrogateConfig:
-    """Scalars of the normalizer and surrogate, baked into the kernels."""
+    """Scalars of the normalizer, reweighter and surrogate, baked into the kernels."""
 
     debias: bool
+    scale_mode: int
+    """Log-ratio scale: 0 none, 1 the std s_t (RatioNorm), 2 the ``scale`` tensor."""
+    weight_mode: int
+    """Timestep weight: 0 uniform, 1 ``1 / |dt|``, 2 the ``weight`` tensor."""
     adv_clip: float | None
     lo_bound: float | None
     """1 - low (None: no lower clip)."""
@@ -49,6 +53,14 @@ def interpreting() -> bool:
 
 
 _PROGRAMS: dict[torch.device, int] = {}
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _counter(device: torch.device) -> Tensor:
+    """The device's finalize counter: zero between calls (the kernel resets it)."""
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return _COUNTERS[device]
 
 
 def _programs_target(device: torch.device) -> int:
@@ -73,32 +85,43 @@ def _next_pow2(n: int) -> int:
 
 
 def _forward(
-    mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, scale: Tensor,
-    weight: Tensor, advantages: Tensor, cfg: SurrogateConfig, noise: bool,
+    mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, dt: Tensor,
+    advantages: Tensor, scale: Tensor | None, weight: Tensor | None, cfg: SurrogateConfig,
+    noise: bool,
 ) -> tuple[Tensor, ...]:  # fmt: skip
+    """Launch the forward. Returns ``(loss, log_ratio, ratio, clipped, rows, stats)`` with
+    ``rows`` (5, B): dL/dr, cc, cq, clipped advantages, weights."""
     from ._kernels import STAT_COUNT, guard_finalize_kernel, guard_forward_kernel
 
     batch = mean.shape[0]
     dim = mean.numel() // batch
     chunk, chunks = _chunking(batch, dim, mean.device)
     device = mean.device
-    work = torch.zeros(1 + 2 * batch * chunks, dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     log_ratio = torch.empty(batch, dtype=torch.float32, device=device)
     ratio = torch.empty(batch, dtype=torch.float32, device=device)
     clipped = torch.empty(batch, dtype=torch.bool, device=device)
-    adv_out = torch.empty(batch, dtype=torch.float32, device=device)
-    coef = torch.empty(3, batch, dtype=torch.float32, device=device)
-    stats = torch.empty(STAT_COUNT, dtype=torch.float32, device=device)
+    partials = 2 * batch * chunks
+    aux = torch.empty(partials + 5 * batch + STAT_COUNT, dtype=torch.float32, device=device)
+    work, rows = aux[:partials], aux[partials:]
     block_b = _next_pow2(batch)
     block_c = min(_next_pow2(chunks), max(1, 2048 // block_b))
-    outputs = (loss, log_ratio, ratio, clipped, adv_out, coef, stats)
+    inputs = (
+        std,
+        dt,
+        std if scale is None else scale,
+        std if weight is None else weight,
+        advantages,
+    )
+    outputs = (loss, log_ratio, ratio, clipped, rows)
     scalars = (
-        batch, chunks, 1.0 / dim, 1.0 / batch,
+        1.0 / dim, 1.0 / batch,
         cfg.adv_clip or 0.0, cfg.lo_bound or 0.0, cfg.hi_bound or 0.0, cfg.dual or 0.0,
     )  # fmt: skip
     flags = dict(
         DEBIAS=cfg.debias,
+        SCALE_MODE=cfg.scale_mode,
+        WEIGHT_MODE=cfg.weight_mode,
         HAS_ADV_CLIP=cfg.adv_clip is not None,
         HAS_LOW=cfg.lo_bound is not None,
         HAS_HIGH=cfg.hi_bound is not None,
@@ -107,16 +130,16 @@ def _forward(
         BLOCK_C=block_c,
     )
     guard_forward_kernel[(chunks, batch)](
-        mean, other, next_sample, std, scale, weight, advantages, work, *outputs,
-        batch, chunks, dim, chunk, *scalars[2:],
+        mean, other, next_sample, *inputs, _counter(device), work, *outputs,
+        batch, chunks, dim, chunk, *scalars,
         NOISE=noise, FINALIZE=cfg.finalize_in_reduction, BLOCK=BLOCK, **flags,
         num_warps=4,
     )  # fmt: skip
     if not cfg.finalize_in_reduction:
         guard_finalize_kernel[(1,)](
-            work, std, scale, weight, advantages, *outputs, *scalars, **flags, num_warps=4
+            work, *inputs, *outputs, batch, chunks, *scalars, **flags, num_warps=4
         )
-    return outputs
+    return loss, log_ratio, ratio, clipped, rows[: 5 * batch].view(5, batch), rows[5 * batch :]
 
 
 def _backward(
@@ -149,49 +172,55 @@ def _backward(
 class _FusedGuard(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor,
-        scale: Tensor, weight: Tensor, advantages: Tensor, cfg: SurrogateConfig, noise: bool,
+        ctx: Any, mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, dt: Tensor,
+        advantages: Tensor, scale: Tensor | None, weight: Tensor | None,
+        cfg: SurrogateConfig, noise: bool,
     ) -> tuple[Tensor, ...]:  # fmt: skip
-        loss, log_ratio, ratio, clipped, adv_out, coef, stats = _forward(
-            mean, other, next_sample, std, scale, weight, advantages, cfg, noise
+        loss, log_ratio, ratio, clipped, rows, stats = _forward(
+            mean, other, next_sample, std, dt, advantages, scale, weight, cfg, noise
         )
-        ctx.save_for_backward(mean, other, next_sample, std, coef, ratio)
+        ctx.save_for_backward(mean, other, next_sample, std, rows, ratio)
         ctx.noise = noise
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(clipped, adv_out, stats)
-        return loss, log_ratio, ratio, clipped, adv_out, stats
+        ctx.mark_non_differentiable(clipped, rows, stats)
+        return loss, log_ratio, ratio, clipped, rows, stats
 
     @staticmethod
     def backward(
         ctx: Any, grad_loss: Tensor | None, grad_log_ratio: Tensor | None,
         grad_ratio: Tensor | None, *_: Any,
     ) -> tuple[Tensor | None, ...]:  # fmt: skip
-        mean, other, next_sample, std, coef, ratio = ctx.saved_tensors
+        mean, other, next_sample, std, rows, ratio = ctx.saved_tensors
         nothing = grad_loss is None and grad_log_ratio is None and grad_ratio is None
         if nothing or not ctx.needs_input_grad[0]:
-            return (None,) * 9
+            return (None,) * 10
         grad = _backward(
-            mean, other, next_sample, std, coef, ratio,
+            mean, other, next_sample, std, rows, ratio,
             grad_loss, grad_log_ratio, grad_ratio, ctx.noise,
         )  # fmt: skip
-        return (grad,) + (None,) * 8
+        return (grad,) + (None,) * 9
 
 
 def fused_guard(
-    mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, scale: Tensor,
-    weight: Tensor, advantages: Tensor, cfg: SurrogateConfig, *, noise: bool,
+    mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, dt: Tensor,
+    advantages: Tensor, cfg: SurrogateConfig, *, noise: bool,
+    scale: Tensor | None = None, weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Fused closed-form guard loss.
 
-    Returns ``(loss, log_ratio, ratio, clipped, advantages_clipped, stats)``: a 0-d loss,
-    (B,) float32 log-ratio and ratio (both differentiable with respect to ``mean``), (B,)
-    bool clip mask, (B,) clipped advantages and the (len(STAT_NAMES),) metric vector.
-    ``other`` is the old mean, or the rollout noise when ``noise`` is true.
+    ``std``, ``dt``, ``advantages`` (B,) float32; ``scale``/``weight`` (B,) float32 when
+    ``cfg.scale_mode``/``cfg.weight_mode`` is 2. Returns ``(loss, log_ratio, ratio,
+    clipped, rows, stats)``: a 0-d loss, (B,) float32 log-ratio and ratio (differentiable
+    with respect to ``mean``), (B,) bool clip mask, (5, B) rows (dL/dr, cc, cq, clipped
+    advantages, weights) and the (len(STAT_NAMES),) metric vector. ``other`` is the old
+    mean, or the rollout noise when ``noise`` is true.
     """
-    f32 = torch.float32
+    if (cfg.scale_mode == 2) != (scale is not None) or (cfg.weight_mode == 2) != (
+        weight is not None
+    ):
+        raise ValueError("pass `scale`/`weight` exactly when the config's mode is 2 (a tensor)")
     out = _FusedGuard.apply(
-        mean.contiguous(), other.contiguous(), next_sample.contiguous(),
-        std.to(f32).contiguous(), scale.to(f32).contiguous(), weight.to(f32).contiguous(),
-        advantages.to(f32).contiguous(), cfg, noise,
+        mean.contiguous(), other.contiguous(), next_sample.contiguous(), std, dt, advantages,
+        scale, weight, cfg, noise,
     )  # fmt: skip
     return tuple(out)
