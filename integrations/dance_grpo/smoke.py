@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from regclip import DanceSDE
+
 from ..common import RegclipOptions
 from .adapter import DanceGRPOAdapter, UpstreamDanceGRPO, load_upstream
 
@@ -136,15 +138,29 @@ def make_args(**overrides: Any) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def build_models(arch: str = "tiny", seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """Random-weight ``FluxTransformer2DModel`` and a 16-channel, 8x ``AutoencoderKL``."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+def build_models(
+    arch: str = "tiny", seed: int = 0, device: str = "cpu"
+) -> tuple[nn.Module, nn.Module]:
+    """Random-weight ``FluxTransformer2DModel`` and a 16-channel, 8x ``AutoencoderKL``, built
+    on ``device`` (bf16 on CUDA, as upstream loads them)."""
+    from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     config = FLUX_DEV_TRANSFORMER if arch == "flux-dev" else TINY_TRANSFORMER
-    transformer = FluxTransformer2DModel(**config)
     width = (128, 256, 512, 512) if arch == "flux-dev" else (4, 4, 4, 4)
-    vae = AutoencoderKL(
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(**config)
+        vae = _vae(arch, width)
+    if device != "cpu":
+        transformer.to(torch.bfloat16)
+        vae.to(torch.bfloat16)
+    return transformer, vae
+
+
+def _vae(arch: str, width: tuple[int, ...]) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=16,
@@ -154,7 +170,31 @@ def build_models(arch: str = "tiny", seed: int = 0) -> tuple[nn.Module, nn.Modul
         layers_per_block=1 if arch == "tiny" else 2,
         norm_num_groups=2 if arch == "tiny" else 32,
     )
-    return transformer, vae
+
+
+class MeanCheck:
+    """Wraps the (adapted) ``flux_step`` to measure, on every sampling step, how far the
+    Dance-SDE kernel's mean is from upstream's own ``prev_sample_mean`` (``grpo=False``),
+    in units of the step's std. On CUDA upstream forms its mean from a bf16 velocity in
+    bf16 arithmetic; the kernel computes in fp32."""
+
+    def __init__(self, adapter: DanceGRPOAdapter) -> None:
+        self.adapter = adapter
+        self.adapted = adapter.upstream.train_module.flux_step
+        self.max_gap_in_std = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.adapter._flux_signature.bind(*args, **kwargs).arguments
+        if call.get("prev_sample") is None:
+            upstream = self.adapter._originals["flux_step"]
+            own, _ = upstream(**{**call, "grpo": False})
+            sigmas, index = call["sigmas"], int(call["index"])
+            t, dt = float(sigmas[index]), float(sigmas[index + 1] - sigmas[index])
+            kernel = DanceSDE(float(call["eta"]))
+            mean, std = kernel.evaluate(call["latents"], call["model_output"], t, dt)
+            gap = float(((mean - own.float()).abs().max() / std.max()).item())
+            self.max_gap_in_std = max(self.max_gap_in_std, gap)
+        return self.adapted(*args, **kwargs)
 
 
 def prompt_loader(transformer: nn.Module, seq: int, seed: int) -> Iterator[tuple[Any, ...]]:
@@ -237,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_generations", type=int, default=4)
     parser.add_argument("--seq", type=int, default=8)
     parser.add_argument("--fsdp", action="store_true", help="wrap in real FSDP (CUDA)")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument(
+        "--check_means", action="store_true", help="measure kernel vs upstream mean"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -246,10 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     up = load_upstream(args.src)
     init_process_group()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    transformer, vae = build_models(args.arch)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer.to(device, dtype)
-    vae.to(device, dtype)
+    transformer, vae = build_models(args.arch, device=device.type)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     if args.fsdp:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -268,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     up.train_module.wandb = SimpleNamespace(log=lambda d, step=None: logs.append(dict(d)))
     results = []
     with DanceGRPOAdapter(up, RegclipOptions(preset=args.preset)) as adapter:
+        check = MeanCheck(adapter) if args.check_means else None
+        if check is not None:
+            up.train_module.flux_step = check
         for step in range(args.steps):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -287,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 "grad_norm": grad_norm,
                 "stored_transitions": len(adapter.store),
             }
+            if check is not None:
+                stats["kernel_vs_upstream_mean_max_gap_in_std"] = check.max_gap_in_std
             if device.type == "cuda":
                 stats["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             results.append(stats)

@@ -72,8 +72,9 @@ TINY_TRANSFORMER: dict[str, Any] = {
 }
 
 
-def build_pipeline(arch: str = "tiny", seed: int = 0) -> Any:
-    """Random-weight ``StableDiffusion3Pipeline`` without text encoders (embeddings given)."""
+def build_pipeline(arch: str = "tiny", seed: int = 0, device: str = "cpu") -> Any:
+    """Random-weight ``StableDiffusion3Pipeline`` without text encoders (embeddings given),
+    built on ``device``; on CUDA the transformer is bf16 (the VAE stays fp32, as upstream)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -83,10 +84,13 @@ def build_pipeline(arch: str = "tiny", seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     config = SD35M_TRANSFORMER if arch == "sd35m" else TINY_TRANSFORMER
-    transformer = SD3Transformer2DModel(**config)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**config)
+    if device != "cpu":
+        transformer.to(torch.bfloat16)
     latent = config["in_channels"]
     if arch == "sd35m":  # SD3's VAE layout: 8x down-sampling, 16 latent channels
-        vae = AutoencoderKL(
+        vae_kwargs: dict[str, Any] = dict(
             in_channels=3,
             out_channels=3,
             latent_channels=latent,
@@ -100,7 +104,7 @@ def build_pipeline(arch: str = "tiny", seed: int = 0) -> Any:
             scaling_factor=1.5305,
         )
     else:
-        vae = AutoencoderKL(
+        vae_kwargs = dict(
             in_channels=3,
             out_channels=3,
             latent_channels=latent,
@@ -112,6 +116,8 @@ def build_pipeline(arch: str = "tiny", seed: int = 0) -> Any:
             shift_factor=0.0609,
             scaling_factor=1.5305,
         )
+    with torch.device(device):
+        vae = AutoencoderKL(**vae_kwargs)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -159,6 +165,13 @@ def random_embeddings(
     }
 
 
+def autocast(device: torch.device) -> Any:
+    """What ``accelerator.prepare``'s bf16 mixed precision gives upstream's forward passes."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def rollout(
     up: UpstreamFlowGRPO,
     pipeline: Any,
@@ -167,16 +180,17 @@ def rollout(
     resolution: int,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Upstream's sampling call and the sample dict ``main`` builds from it."""
-    images, latents, log_probs = up.train_module.pipeline_with_logprob(
-        pipeline,
-        **embeds,
-        num_inference_steps=config.sample.num_steps,
-        guidance_scale=config.sample.guidance_scale,
-        output_type="pt",
-        height=resolution,
-        width=resolution,
-        noise_level=config.sample.noise_level,
-    )
+    with autocast(pipeline.transformer.device):
+        images, latents, log_probs = up.train_module.pipeline_with_logprob(
+            pipeline,
+            **embeds,
+            num_inference_steps=config.sample.num_steps,
+            guidance_scale=config.sample.guidance_scale,
+            output_type="pt",
+            height=resolution,
+            width=resolution,
+            noise_level=config.sample.noise_level,
+        )
     latents = torch.stack(latents, dim=1)
     batch = latents.shape[0]
     sample = {
@@ -238,7 +252,7 @@ def run_timestep_loop(
         "pooled_embeds": pooled,
         "config": config,
         "optimizer": optimizer,
-        "autocast": contextlib.nullcontext,
+        "autocast": lambda: autocast(pipeline.transformer.device),
         "info": defaultdict(list),
         "epoch": 0,
         "inner_epoch": 0,
@@ -283,8 +297,10 @@ def run_epoch(
     accelerator_cls: Callable[..., Any],
     reward: Callable[[Tensor], Tensor],
     generator: torch.Generator,
+    train_batches: int = 1,
 ) -> dict[str, Any]:
-    """One epoch as ``main`` runs it: rollout, advantages, shuffled batches, training."""
+    """One epoch as ``main`` runs it: rollout, advantages, then ``train_batches`` shuffled
+    training batches with one optimizer step each (``gradient_accumulation_steps = 1``)."""
     embeds = random_embeddings(pipeline, batch // group, seq, generator)
     embeds = {k: v.repeat_interleave(group, 0) for k, v in embeds.items()}
     timer = _Timer(pipeline.transformer.device)
@@ -296,11 +312,11 @@ def run_epoch(
     global_step = 0
     with timer("train"):
         for _ in range(inner_epochs):
-            perm = torch.randperm(batch)
-            shuffled = {k: v[perm] for k, v in sample.items()}
-            global_step = run_timestep_loop(
-                up, pipeline, shuffled, config, accelerator, optimizer, embeds, global_step
-            )
+            for rows in torch.randperm(batch).chunk(train_batches):
+                chunk = {k: v[rows.to(v.device)] for k, v in sample.items()}
+                global_step = run_timestep_loop(
+                    up, pipeline, chunk, config, accelerator, optimizer, embeds, global_step
+                )
     return {"seconds": timer.seconds, "optimizer_steps": global_step}
 
 
@@ -331,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--num_steps", type=int, default=4)
     parser.add_argument("--seq", type=int, default=8)
+    parser.add_argument("--train_batches", type=int, default=2, help="optimizer steps per epoch")
     parser.add_argument(
         "--lora_rank", type=int, default=0, help="train LoRA adapters (peft) as upstream does"
     )
@@ -342,13 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     install_standins(["absl", "ml_collections", "wandb"])
     up = load_upstream(args.src)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = build_pipeline(args.arch)
-    pipeline.vae.to(device)
+    pipeline = build_pipeline(args.arch, device=device)
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
 
         pipeline.transformer.requires_grad_(False)
-        pipeline.transformer.to(device, torch.bfloat16 if device == "cuda" else torch.float32)
         pipeline.transformer = get_peft_model(
             pipeline.transformer,
             LoraConfig(
@@ -358,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
                 target_modules=["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"],
             ),
         )
-    else:
-        pipeline.transformer.to(device)
     params = [p for p in pipeline.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     config = make_config(sample__num_steps=args.num_steps)
@@ -387,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                 accelerator_cls=lambda **kw: accelerator_cls(mixed_precision=mixed, **kw),
                 reward=lambda images: images.float().mean(dim=(1, 2, 3)).cpu(),
                 generator=generator,
+                train_batches=args.train_batches,
             )
             stats["epoch"] = epoch
             stats["stored_transitions"] = len(adapter.store)
