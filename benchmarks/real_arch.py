@@ -264,6 +264,32 @@ def merge(paths: list[str], out: Path) -> None:
     out.write_text(json.dumps(merged, indent=1))
 
 
+def table(path: Path) -> str:
+    """The markdown table of ``docs/real_arch.md`` from a result file."""
+    report = json.loads(path.read_text())
+    rows = [
+        "| model | device | setting | method | rollout s | train step s | peak GiB rollout / train | loss ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arch_name, result in report["architectures"].items():
+        if "error" in result:
+            rows.append(f"| {arch_name} | | | failed: {result['error'][:60]} | | | | |")
+            continue
+        s = result["settings"]
+        setting = (
+            f"{s['resolution']} px, {s['num_steps']} steps ({s['trained_sde_steps']} trained), "
+            f"group {s['group_size']}, CFG {s['cfg_scale']}"
+        )
+        device = result.get("run", report).get("device")
+        for method, m in result["methods"].items():
+            rows.append(
+                f"| {arch_name} ({result['params_billion']:.2f} B) | {device} | {setting} | {method} "
+                f"| {m['rollout_s']:.2f} | {m['train_step_s']:.2f} "
+                f"| {m['rollout_peak_gib']:.1f} / {m['train_peak_gib']:.1f} | {m['loss_ms']:.1f} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=["sd3", "flux"], choices=sorted(SETTINGS))
@@ -285,7 +311,11 @@ def main() -> None:
         metavar="JSON",
         help="combine the architectures of earlier result files into --out and exit",
     )
+    parser.add_argument("--table", metavar="JSON", help="print the markdown table of a result file")
     args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.table)))
+        return
     if args.merge:
         merge(args.merge, Path(args.out))
         return

@@ -158,3 +158,17 @@ def test_rewards_load_by_name_or_import_path() -> None:
     assert load_reward("regclip.trainer.rewards:jpeg_compressibility") is jpeg_compressibility
     with pytest.raises(ValueError, match="unknown reward"):
         load_reward("pickscore")
+
+
+def test_kl_to_the_adapter_free_base_starts_at_zero(tmp_path: Path) -> None:
+    trainer = _trainer(
+        tmp_path, "flux", kl_coef=0.1, prompts_per_iteration=1, vae="none", reward="latent_std"
+    )
+    rollouts, _ = trainer.rollout()
+    out = trainer.transition_loss(rollouts[0], 0)
+    assert out.metrics["loss/kl"] == 0.0  # LoRA B starts at zero: policy == base
+    with torch.no_grad():  # move the adapter: the KL must see it
+        for name, param in trainer.unwrapped.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.01)
+    assert trainer.transition_loss(rollouts[0], 0).metrics["loss/kl"] > 0

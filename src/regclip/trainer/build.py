@@ -85,7 +85,7 @@ def _transformer(config: TrainConfig, arch: Architecture, dtype: torch.dtype) ->
 
 
 def _vae(config: TrainConfig, dtype: torch.dtype) -> Any:
-    if config.vae is None:
+    if config.vae is None or config.vae == "none":
         return None
     if config.vae == "tiny":
         vae = tiny_vae(config.seed)

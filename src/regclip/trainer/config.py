@@ -38,7 +38,8 @@ class TrainConfig:
     transformer_config: str | dict[str, Any] | None = None
     """Random-weight transformer instead of ``pretrained``: ``"tiny"``, ``"full"`` or a dict."""
     vae: str | None = "pretrained"
-    """``"pretrained"`` (``pretrained/vae``), ``"tiny"`` (random, smoke), or ``None``: the
+    """``"pretrained"`` (``pretrained/vae``), ``"tiny"`` (random, smoke), or ``None`` /
+    ``"none"``: the
     reward sees the final latents (B, C, h, w) instead of images."""
     # prompts
     embeddings: str | None = None
@@ -59,6 +60,8 @@ class TrainConfig:
     """Classifier-free guidance scale (SD3 ``guidance_scale``, Flux ``true_cfg_scale``)."""
     embedded_guidance: float = 3.5
     """Flux-dev's embedded guidance value (ignored by SD3)."""
+    store_old_means: bool = True
+    """Keep the rollout means; False regenerates them from the recorded noise seeds."""
     # batches
     group_size: int = 8
     prompts_per_iteration: int = 2

@@ -114,6 +114,7 @@ class GRPOTrainer:
             height=config.resolution,
             width=config.resolution,
             guidance=Guidance(config.cfg_scale, config.embedded_guidance),
+            store_old_means=config.store_old_means,
         )
         num_sde = len(self.sampler.sde_steps)
         self.accelerator = accelerator or Accelerator(
