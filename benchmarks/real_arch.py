@@ -195,7 +195,7 @@ def bench_arch(arch_name: str, tiny: bool, device: torch.device, repeats: int) -
         "settings": {
             "resolution": trainer.config.resolution,
             "num_steps": trainer.config.num_steps,
-            "trained_sde_steps": len(trainer.sampler.sde_steps),
+            "trained_sde_steps": len(trainer.sampler.trained_steps),
             "cfg_scale": trainer.config.cfg_scale,
             "group_size": trainer.config.group_size,
             "batch_size": trainer.config.batch_size,

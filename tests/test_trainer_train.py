@@ -130,7 +130,7 @@ def test_config_files_json_and_toml_agree(tmp_path: Path) -> None:
         json.dumps({"arch": "flux", "group_size": 12, "sde_steps": [0, 1], "preset": "flow_grpo"})
     )
     assert TrainConfig.from_file(tmp_path / "c.toml") == TrainConfig.from_file(tmp_path / "c.json")
-    assert TrainConfig.from_file(tmp_path / "c.toml").trained_steps == (0, 1)
+    assert TrainConfig.from_file(tmp_path / "c.toml").sde_steps == [0, 1]
     (tmp_path / "bad.json").write_text('{"group_sise": 3}')
     with pytest.raises(ValueError, match="group_sise"):
         TrainConfig.from_file(tmp_path / "bad.json")
@@ -172,3 +172,16 @@ def test_kl_to_the_adapter_free_base_starts_at_zero(tmp_path: Path) -> None:
             if "lora_B" in name:
                 param.add_(0.01)
     assert trainer.transition_loss(rollouts[0], 0).metrics["loss/kl"] > 0
+
+
+@pytest.mark.parametrize(
+    ("sde", "preset"), [("dance", "grpo_guard"), ("cps", "velocity_guard"), ("flow", "ratio_norm")]
+)
+def test_every_kernel_and_preset_trains_with_ratio_one_on_the_first_batch(
+    tmp_path: Path, sde: str, preset: str
+) -> None:
+    trainer = _trainer(tmp_path, "flux", sde=sde, preset=preset, vae="none", reward="latent_std")
+    rollouts, _ = trainer.rollout()
+    out = trainer.transition_loss(rollouts[0], 2)
+    assert torch.equal(out.ratio.detach(), torch.ones_like(out.ratio))
+    assert torch.isfinite(torch.tensor(trainer.update(rollouts)["loss"]))

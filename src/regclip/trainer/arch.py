@@ -215,7 +215,6 @@ class Architecture(ABC):
         the batch ``[negative; positive]`` runs in one forward pass.
         """
         x = latents.to(dtype)
-        batch = x.shape[0]
         if guidance.uses_cfg:
             if not embeds.has_negative:
                 raise ValueError("classifier-free guidance needs negative prompt embeddings")
@@ -227,10 +226,7 @@ class Architecture(ABC):
             out = self.forward(model, torch.cat([x, x]), sigma, both, guidance, height, width)
             uncond, cond = out.float().chunk(2)
             return uncond + guidance.cfg_scale * (cond - uncond)
-        out = self.forward(model, x, sigma, embeds, guidance, height, width)
-        if out.shape[0] != batch:
-            raise RuntimeError("transformer returned a different batch size")
-        return out.float()
+        return self.forward(model, x, sigma, embeds, guidance, height, width).float()
 
 
 class SD3Architecture(Architecture):

@@ -123,12 +123,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1")
 
-    @property
-    def trained_steps(self) -> tuple[int, ...]:
-        if self.sde_steps is not None:
-            return tuple(self.sde_steps)
-        return tuple(range(self.num_steps - 1))
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -35,7 +35,8 @@ class SamplerConfig:
     """What a rollout does. ``sde_steps`` index the ``num_steps`` steps (0 = first, t = 1)."""
 
     num_steps: int = 10
-    sde_steps: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    sde_steps: tuple[int, ...] | None = None
+    """Default: every step but the last (``timestep_fraction`` ~ 1 upstream)."""
     height: int = 512
     width: int = 512
     guidance: Guidance = field(default_factory=Guidance)
@@ -45,12 +46,19 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"`num_steps` must be >= 1, got {self.num_steps}")
-        steps = tuple(sorted(set(self.sde_steps)))
+        requested = range(max(self.num_steps - 1, 1)) if self.sde_steps is None else self.sde_steps
+        steps = tuple(sorted(set(requested)))
         if not steps:
             raise ValueError("`sde_steps` is empty: a rollout needs at least one trained step")
         if steps[0] < 0 or steps[-1] >= self.num_steps:
             raise ValueError(f"`sde_steps` must lie in [0, {self.num_steps}), got {self.sde_steps}")
         object.__setattr__(self, "sde_steps", steps)
+
+    @property
+    def trained_steps(self) -> tuple[int, ...]:
+        """The sorted SDE step indices (``sde_steps`` after validation)."""
+        assert self.sde_steps is not None
+        return self.sde_steps
 
 
 def step_noise(seed: int, shape: Sequence[int], device: torch.device) -> Tensor:
@@ -98,38 +106,17 @@ class Rollout:
     def num_sde_steps(self) -> int:
         return int(self.steps.shape[0])
 
-    def old_mean(self, k: int, kernel: TransitionKernel | None = None) -> Tensor:
+    def old_mean(self, k: int) -> Tensor:
         """(B, ...) rollout mean of SDE step ``k``: stored, or ``x' - s_t eps`` regenerated.
 
-        Regeneration is exact up to float32 rounding of ``mu + s eps - s eps``.
+        Regeneration is exact up to float32 rounding of ``mu + s eps - s eps``; the noise is
+        redrawn on the latents' device, which must be the rollout's device type.
         """
         if self.old_means is not None:
             return self.old_means[:, k]
         nxt = self.next_latents[:, k]
         noise = step_noise(int(self.noise_seeds[k]), nxt.shape, nxt.device)
         return nxt - self.std[k] * noise
-
-    def to(self, device: torch.device | str) -> Rollout:
-        """A copy on ``device``."""
-
-        def move(value: Tensor | None) -> Tensor | None:
-            return None if value is None else value.to(device)
-
-        return Rollout(
-            latents=self.latents.to(device),
-            next_latents=self.next_latents.to(device),
-            log_probs=self.log_probs.to(device),
-            old_means=move(self.old_means),
-            noise_seeds=self.noise_seeds,
-            steps=self.steps,
-            t=self.t,
-            dt=self.dt,
-            std=self.std,
-            final=self.final.to(device),
-            embeds=self.embeds.to(device),
-            prompt_ids=self.prompt_ids,
-            advantages=move(self.advantages),
-        )
 
 
 def _batch(value: Tensor, batch: int, device: torch.device) -> Tensor:
@@ -168,12 +155,13 @@ def sample_rollout(
         raise ValueError(f"`sigmas` has {sigmas.shape[0]} entries, expected {config.num_steps + 1}")
     batch = len(embeds)
     x = arch.initial_latents(batch, channels, config.height, config.width, generator, device)
-    seeds = torch.randint(
-        0, 2**62, (len(config.sde_steps),), generator=generator, device=generator.device
-    ).cpu()
     record: dict[str, list[Tensor]] = {"x": [], "next": [], "logp": [], "mean": []}
     t_k, dt_k, std_k = [], [], []
-    sde_index = {step: k for k, step in enumerate(config.sde_steps)}
+    sde_steps = config.trained_steps
+    seeds = torch.randint(
+        0, 2**62, (len(sde_steps),), generator=generator, device=generator.device
+    ).cpu()
+    sde_index = {step: k for k, step in enumerate(sde_steps)}
     for i in range(config.num_steps):
         t, t_next = sigmas[i], sigmas[i + 1]
         v = arch.velocity(model, x, t, embeds, config.guidance, config.height, config.width, dtype)
@@ -200,7 +188,7 @@ def sample_rollout(
         log_probs=torch.stack(record["logp"], 1),
         old_means=torch.stack(record["mean"], 1) if config.store_old_means else None,
         noise_seeds=seeds,
-        steps=torch.tensor(config.sde_steps, dtype=torch.long),
+        steps=torch.tensor(sde_steps, dtype=torch.long),
         t=torch.stack(t_k).float(),
         dt=torch.stack(dt_k).float(),
         std=torch.stack(std_k),
@@ -222,7 +210,8 @@ def recompute_transition(
 ) -> KernelStep:
     """Current policy on SDE step ``k`` of ``rollout``: mean (B, ...) with grad, std (B,),
     log-prob (B,) of the recorded draw. Same batch layout and precision as the rollout."""
-    x = rollout.latents[:, k]
+    # contiguous, like the rollout's input: a strided view may take another matmul path
+    x = rollout.latents[:, k].contiguous()
     device, batch = x.device, x.shape[0]
     v = arch.velocity(
         model, x, rollout.t[k], rollout.embeds, config.guidance, config.height, config.width, dtype

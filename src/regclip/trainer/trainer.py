@@ -110,13 +110,13 @@ class GRPOTrainer:
         self.reward_fn = components.reward
         self.sampler = SamplerConfig(
             num_steps=config.num_steps,
-            sde_steps=config.trained_steps,
+            sde_steps=None if config.sde_steps is None else tuple(config.sde_steps),
             height=config.resolution,
             width=config.resolution,
             guidance=Guidance(config.cfg_scale, config.embedded_guidance),
             store_old_means=config.store_old_means,
         )
-        num_sde = len(self.sampler.sde_steps)
+        num_sde = len(self.sampler.trained_steps)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.accumulate_batches * num_sde,
@@ -425,4 +425,5 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.device)
         self.iteration = int(state["iteration"])
