@@ -135,6 +135,66 @@ def test_vanilla_preset_reproduces_upstream_loss_and_gradient(up, logger):
     assert any(g.abs().sum() > 0 for g in upstream_grads)
 
 
+class _Prepared(torch.nn.Module):
+    """What ``accelerator.prepare`` returns on several GPUs: the model under ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_vanilla_preset_reproduces_upstreams_kl_term(up, logger):
+    from accelerate import Accelerator
+    from integrations.flow_grpo import smoke
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter
+    from peft import LoraConfig, get_peft_model
+
+    pipe, _, embeds = _setup(up, seed=7)
+    config = smoke.make_config(train__beta=0.04)
+    pipe.transformer.requires_grad_(False)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k"]
+    )
+    pipe.transformer = get_peft_model(pipe.transformer, lora)
+    prepared = _Prepared(pipe.transformer)
+    adapter = FlowGRPOAdapter(up, RegclipOptions(preset="flow_grpo"))
+    with adapter, torch.no_grad():
+        _, sample = smoke.rollout(up, pipe, embeds, config, resolution=16)
+    lora_params = [p for p in pipe.transformer.parameters() if p.requires_grad]
+    _perturb(torch.nn.ParameterList(lora_params), seed=8, scale=0.05)
+    rewards = torch.randn(4, generator=torch.Generator().manual_seed(9))
+    sample = smoke.with_advantages(sample, rewards, group=2, steps=config.sample.num_steps)
+    steps = config.sample.num_steps
+
+    smoke.run_timestep_loop(
+        up,
+        pipe,
+        sample,
+        config,
+        Accelerator(gradient_accumulation_steps=steps),
+        _NoStep(),
+        embeds,
+        transformer=prepared,
+    )
+    upstream_grads = _grads(torch.nn.ParameterList(lora_params))
+    with adapter:
+        accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
+        smoke.run_timestep_loop(
+            up, pipe, sample, config, accelerator, _NoStep(), embeds, transformer=prepared
+        )
+    adapter_grads = _grads(torch.nn.ParameterList(lora_params))
+
+    upstream_log, adapter_log = logger.logs
+    assert upstream_log["kl_loss"] > 0
+    assert adapter_log["regclip/loss/kl"] == pytest.approx(upstream_log["kl_loss"], rel=1e-5)
+    assert adapter_log["regclip/loss"] == pytest.approx(upstream_log["loss"], rel=1e-5)
+    for a, b in zip(adapter_grads, upstream_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
+
+
 def test_grpo_guard_runs_a_full_rollout_and_update(up, logger):
     from accelerate import Accelerator
     from integrations.flow_grpo import smoke

@@ -227,8 +227,12 @@ def run_timestep_loop(
     optimizer: Any,
     neg: dict[str, Tensor],
     global_step: int = 0,
+    transformer: Any = None,
 ) -> int:
-    """Execute upstream's loop for one training batch; returns the new ``global_step``."""
+    """Execute upstream's loop for one training batch; returns the new ``global_step``.
+
+    ``transformer`` is what ``main`` calls it after ``accelerator.prepare`` (default:
+    ``pipeline.transformer``); the ``beta > 0`` branch needs ``transformer.module``."""
     embeds = torch.cat(
         [neg["negative_prompt_embeds"][: len(sample["prompt_embeds"])], sample["prompt_embeds"]]
     )
@@ -245,7 +249,7 @@ def run_timestep_loop(
             range(int(config.sample.num_steps * config.train.timestep_fraction))
         ),
         "accelerator": accelerator,
-        "transformer": pipeline.transformer,
+        "transformer": pipeline.transformer if transformer is None else transformer,
         "pipeline": pipeline,
         "sample": sample,
         "embeds": embeds,
