@@ -200,3 +200,16 @@ def test_two_process_ddp_smoke_splits_the_samples(tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "metrics.jsonl").read_text())
     # 2 prompts x 4 samples over 2 ranks = 4 per rank = 2 batches of 2: 2 optimizer steps
     assert metrics["optimizer_steps"] == 2
+
+
+def test_full_finetune_trains_the_transformer_without_adapters(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, "flux", full_finetune=True, vae="none", reward="latent_std")
+    before = _snapshot(trainer)
+    assert not any("lora_" in n for n in before)
+    trainer.train_iteration()
+    after = _snapshot(trainer)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(changed) > len(before) // 2
+    assert not (tmp_path / "lora").exists()
+    path = trainer.save_checkpoint()
+    assert not (path / "lora").exists() and (path / "trainer_state.pt").is_file()

@@ -43,7 +43,7 @@ from .build import Components, dtype_from_name
 from .config import TrainConfig
 from .rollout import Rollout, SamplerConfig, recompute_transition, sample_rollout
 
-__all__ = ["GRPOTrainer", "build_kernel", "build_loss", "decode_images"]
+__all__ = ["GRPOTrainer", "build_kernel", "build_loss", "decode_images", "select_trainable"]
 
 STATE_FILE = "trainer_state.pt"
 
@@ -91,6 +91,28 @@ def decode_images(vae: Any, latents: Tensor) -> Tensor:
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
 
+def select_trainable(transformer: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
+    """Freeze ``transformer`` and return what trains: a fresh float32 LoRA adapter
+    (peft, via diffusers' ``add_adapter``; B = 0 so the policy starts at the base model)
+    or, with ``config.full_finetune``, every transformer weight."""
+    transformer.requires_grad_(config.full_finetune)
+    if not config.full_finetune:
+        from peft import LoraConfig
+
+        transformer.add_adapter(  # type: ignore[operator]
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(config.lora_targets),
+            )
+        )
+        for param in transformer.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
 def _seed(*keys: int) -> int:
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
     return int(state[0] % (2**63))
@@ -129,30 +151,17 @@ class GRPOTrainer:
 
         transformer = components.transformer
         self.lora = not config.full_finetune
-        transformer.requires_grad_(config.full_finetune)
-        if self.lora:
-            from peft import LoraConfig
-
-            transformer.add_adapter(  # type: ignore[operator]
-                LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=config.lora_alpha,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora_targets),
-                )
-            )
-            for param in transformer.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
+        self.trainable = select_trainable(transformer, config)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()  # type: ignore[operator]
         transformer.to(self.device)
-        self.trainable = [p for p in transformer.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             self.trainable, lr=config.lr, weight_decay=config.weight_decay
         )
         self.model, self.optimizer = self.accelerator.prepare(transformer, optimizer)
-        self.vae = components.vae.to(self.device) if components.vae is not None else None
+        self.vae = components.vae
+        if self.vae is not None:
+            self.vae.requires_grad_(False).to(self.device)
 
         self.sigmas = self.arch.sigmas(
             self.arch.make_scheduler(), config.num_steps, config.resolution, config.resolution
