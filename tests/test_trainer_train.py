@@ -213,3 +213,53 @@ def test_full_finetune_trains_the_transformer_without_adapters(tmp_path: Path) -
     assert not (tmp_path / "lora").exists()
     path = trainer.save_checkpoint()
     assert not (path / "lora").exists() and (path / "trainer_state.pt").is_file()
+
+
+class _FakePipeline:
+    """Stands in for a pipeline with text encoders: embeddings encode the prompt length."""
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: object) -> _FakePipeline:
+        assert kwargs["transformer"] is None and kwargs["vae"] is None
+        return cls()
+
+    def to(self, device: str) -> _FakePipeline:
+        return self
+
+    @staticmethod
+    def _embed(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([float(len(p)) for p in prompts])
+        return lengths.view(-1, 1, 1).expand(-1, 3, 8).clone(), lengths.view(-1, 1).expand(
+            -1, 4
+        ).clone()
+
+    def encode_prompt(self, prompt: list[str], *args: object, **kwargs: object) -> tuple:
+        pe, pp = self._embed(prompt)
+        if "do_classifier_free_guidance" in kwargs:  # SD3 signature
+            neg = kwargs["negative_prompt"]
+            npe, npp = self._embed([neg] * len(prompt)) if neg is not None else (None, None)
+            return pe, npe, pp, npp
+        return pe, pp, torch.zeros(3, 3)  # Flux: (prompt_embeds, pooled, text_ids)
+
+
+@pytest.mark.parametrize("arch_name", ["sd3", "flux"])
+def test_encode_prompts_batches_and_stores_negatives(
+    tmp_path: Path, arch_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import diffusers
+
+    from regclip.trainer import PromptSet, encode_prompts, get_architecture
+
+    for name in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        monkeypatch.setattr(diffusers, name, _FakePipeline)
+    prompts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    encoded = encode_prompts(get_architecture(arch_name), "/models/x", prompts, device="cpu",
+                             batch_size=2)  # fmt: skip
+    assert encoded.texts == tuple(prompts)
+    assert encoded.embeds.prompt_embeds[:, 0, 0].tolist() == [1, 2, 3, 4, 5]
+    assert encoded.embeds.has_negative
+    assert torch.all(encoded.embeds.negative_pooled == 0)  # the empty negative prompt
+    encoded.save(tmp_path / "e.pt")
+    loaded = PromptSet.load(tmp_path / "e.pt")
+    assert loaded.texts == encoded.texts
+    assert torch.equal(loaded.embeds.prompt_embeds, encoded.embeds.prompt_embeds)
