@@ -8,9 +8,9 @@ Swap one loss::
     out.loss.backward(); log(out.metrics)
 """
 
-from . import presets
+from . import fused, presets, replay
 from .advantages import group_advantages
-from .batch import TransitionBatch
+from .batch import LowPrecisionOldMeanWarning, TransitionBatch
 from .diagnostics import METRIC_NAMES, TimestepDiagnostics, calibrate_clip_range
 from .kernels import (
     CPS,
@@ -52,6 +52,7 @@ __all__ = [
     "KLPenalty",
     "KernelStep",
     "LossOutput",
+    "LowPrecisionOldMeanWarning",
     "MeanRevisedRatio",
     "NoClip",
     "PPOClip",
@@ -65,8 +66,10 @@ __all__ = [
     "UniformWeight",
     "VelocityRatio",
     "calibrate_clip_range",
+    "fused",
     "gaussian_log_prob",
     "group_advantages",
     "make_kernel",
     "presets",
+    "replay",
 ]

@@ -13,8 +13,9 @@ the optional KL to a reference policy's mean (:class:`KLPenalty`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Literal
 
 import torch
@@ -48,8 +49,13 @@ class LossOutput:
     """(B,) advantages after clipping."""
     clip_bounds: tuple[float | None, float | None]
     """(low, high) clip ranges of the surrogate."""
-    metric_tensors: dict[str, Tensor] = field(repr=False)
-    """The metrics as 0-d tensors (no device synchronisation)."""
+    compute_metric_tensors: Callable[[], dict[str, Tensor]] = field(repr=False)
+    """Computes the metrics on demand, so a loop that never reads them pays nothing."""
+
+    @cached_property
+    def metric_tensors(self) -> dict[str, Tensor]:
+        """The metrics as 0-d tensors (no device synchronisation), computed on first access."""
+        return self.compute_metric_tensors()
 
     @cached_property
     def metrics(self) -> dict[str, float]:
@@ -211,7 +217,8 @@ class GuardedPPOLoss(nn.Module):
             kl = self.kl(batch).mean()
             loss = policy_loss + self.kl.coef * kl
         bounds = (self.surrogate.low, self.surrogate.high)
-        metrics = metric_tensors(
+        metrics = partial(
+            metric_tensors,
             loss=loss,
             policy_loss=policy_loss,
             kl=kl,
@@ -233,5 +240,5 @@ class GuardedPPOLoss(nn.Module):
             weight=weight,
             advantages=adv,
             clip_bounds=bounds,
-            metric_tensors=metrics,
+            compute_metric_tensors=metrics,
         )

@@ -150,5 +150,5 @@ def fused_forward(
         weight=rows[4],
         advantages=rows[3],
         clip_bounds=(surrogate.low, surrogate.high),
-        metric_tensors=dict(zip(STAT_NAMES, stats.unbind(0), strict=True)),
+        compute_metric_tensors=lambda: dict(zip(STAT_NAMES, stats.unbind(0), strict=True)),
     )
