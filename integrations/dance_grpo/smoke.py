@@ -279,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsdp", action="store_true", help="wrap in real FSDP (CUDA)")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument(
+        "--sdpa",
+        choices=["default", "no_cudnn", "math"],
+        default="no_cudnn",
+        help="attention backends on CUDA (a first FLUX.1-dev-size backward on an H100 hit an "
+        "illegal memory access with the default choice)",
+    )
+    parser.add_argument(
         "--check_means", action="store_true", help="measure kernel vs upstream mean"
     )
     parser.add_argument("--out", default=None)
@@ -290,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     up = load_upstream(args.src)
     init_process_group()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and args.sdpa != "default":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        if args.sdpa == "math":
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
     transformer, vae = build_models(args.arch, device=device.type)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
