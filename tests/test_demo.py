@@ -24,6 +24,7 @@ from regclip.demo.experiment import run_experiment
 from regclip.demo.grpo import _Trainer, method_spec
 from regclip.demo.merge import RATIO_PAIRS, pool_timesteps
 from regclip.demo.metrics import proxy_reward
+from regclip.demo.report import format_table, markdown_report
 from regclip.demo.rollout import time_schedule
 
 TINY = dataclasses.replace(DemoConfig(), **PRESET_BUDGETS["tiny"])
@@ -71,7 +72,8 @@ def test_pipeline_writes_finite_results_with_the_documented_schema(tiny_run):
     images = np.load(out / "samples.npz")
     assert images["flow_grpo/start"].dtype == np.uint8
     assert images["flow_grpo/end"].shape == (10 * min(4, TINY.eval_per_class), 1, 16, 16)
-    assert "flow_grpo" in cli.format_table(summary)
+    assert "flow_grpo" in format_table(summary)
+    assert "| flow_grpo |" in markdown_report(summary)
 
 
 def test_first_optimizer_pass_sees_ratio_exactly_one(tiny_run):

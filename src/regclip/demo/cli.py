@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from .config import METHOD_NAMES, PRESET_BUDGETS, DemoConfig
+from .report import format_table
 
-__all__ = ["add_arguments", "build_config", "format_table", "run"]
+__all__ = ["add_arguments", "build_config", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,32 +76,6 @@ def build_config(args: argparse.Namespace) -> DemoConfig:
     if args.dims is not None:
         fields["dims"] = tuple(args.dims)
     return dataclasses.replace(DemoConfig(), device=args.device, **fields)
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """Per method: start and end proxy, then gold metrics at the highest matched proxy."""
-    matched = summary.get("matched", {}).get("proxy", {})
-    levels = matched.get("levels", [])
-    columns = ("gold_acc", "nn_dist", "diversity", "drift")
-    head = f"{'method':24s} {'proxy 0->end':>14s} " + " ".join(f"{c:>14s}" for c in columns)
-    lines = [
-        f"gold metrics at matched proxy {levels[-1]:.2f} (mean ± std over seeds)"
-        if levels
-        else "no common proxy gain to match",
-        head,
-        "-" * len(head),
-    ]
-    for name, entry in summary["methods"].items():
-        first = [e["proxy"] for e in entry["eval"] if e["step"] == 0]
-        last_step = max(e["step"] for e in entry["eval"])
-        last = [e["proxy"] for e in entry["eval"] if e["step"] == last_step]
-        cells = []
-        for column in columns:
-            stat = matched["at"][name][column][-1] if levels else None
-            cells.append(f"{stat['mean']:8.3f}±{stat['std']:.3f}" if stat else f"{'n/a':>14s}")
-        proxy = f"{sum(first) / len(first):5.2f}->{sum(last) / len(last):5.2f}"
-        lines.append(f"{name:24s} {proxy:>14s} " + " ".join(f"{c:>14s}" for c in cells))
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
