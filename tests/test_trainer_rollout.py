@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from regclip import replay
 from regclip.kernels import CPS, FlowSDE
 from regclip.trainer import (
     Guidance,
@@ -163,9 +164,19 @@ def test_old_means_regenerated_from_noise_seeds_match_stored(kernel_name: str) -
         )
     assert runs[False].old_means is None
     assert torch.equal(runs[True].next_latents, runs[False].next_latents)
-    for k in range(2):
+    seeds = runs[False].noise_seeds
+    assert seeds.shape == (2,) and seeds.dtype == torch.int64 and seeds.device.type == "cpu"
+    for k, step in enumerate(runs[False].steps.tolist()):
         torch.testing.assert_close(
             runs[False].old_mean(k), runs[True].old_mean(k), rtol=1e-5, atol=1e-5
+        )
+        # the draw is the stored mean plus s_t times the per-sample replay noise of that step
+        noise = replay.step_noise(seeds, step, runs[True].next_latents.shape[2:])
+        torch.testing.assert_close(
+            runs[True].next_latents[:, k],
+            runs[True].old_mean(k) + runs[True].std[k] * noise,
+            rtol=1e-5,
+            atol=1e-5,
         )
 
 

@@ -25,7 +25,7 @@ from .build import Components, build_components, tiny_vae
 from .config import TrainConfig
 from .prompts import PromptSet, encode_prompts, random_prompt_set
 from .rewards import REWARDS, RewardFn, colorfulness, jpeg_compressibility, latent_std, load_reward
-from .rollout import Rollout, SamplerConfig, recompute_transition, sample_rollout, step_noise
+from .rollout import Rollout, SamplerConfig, recompute_transition, sample_rollout
 from .trainer import GRPOTrainer, build_kernel, build_loss, decode_images
 
 __all__ = [
@@ -57,6 +57,5 @@ __all__ = [
     "random_prompt_set",
     "recompute_transition",
     "sample_rollout",
-    "step_noise",
     "tiny_vae",
 ]

@@ -8,8 +8,9 @@ Flow-GRPO-Fast); every other step is the deterministic Euler step ``x' = x + v d
 For every SDE step ``k`` the :class:`Rollout` records exactly what a PPO update needs:
 the input latents ``x_t``, the draw ``x_{t+dt}``, the rollout log-prob (the kernel's
 convention), the rollout policy's proposal mean ``mu_old`` (``store_old_means``; see
-:meth:`Rollout.old_mean` for regenerating it from the recorded per-step noise seed
-instead, ``mu_old = x_{t+dt} - s_t eps``), plus ``t``, ``dt`` and ``s_t``.
+:meth:`Rollout.old_mean` for regenerating it instead from the recorded per-sample noise
+seeds, ``mu_old = x_{t+dt} - s_t eps``, :mod:`regclip.replay`), plus ``t``, ``dt`` and
+``s_t``.
 
 :func:`recompute_transition` evaluates the current policy on a recorded step with the
 same batch layout, dtype and guidance as the rollout, so with unchanged weights it
@@ -18,16 +19,16 @@ returns bit-identical means (log-ratio exactly 0).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from .. import replay
 from ..kernels import KernelStep, TransitionKernel
 from .arch import Architecture, Guidance, PromptEmbeds
 
-__all__ = ["Rollout", "SamplerConfig", "recompute_transition", "sample_rollout", "step_noise"]
+__all__ = ["Rollout", "SamplerConfig", "recompute_transition", "sample_rollout"]
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,6 @@ class SamplerConfig:
         return self.sde_steps
 
 
-def step_noise(seed: int, shape: Sequence[int], device: torch.device) -> Tensor:
-    """The float32 standard normal draw of one SDE step, regenerated from its seed."""
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-
-
 @dataclass
 class Rollout:
     """One batch of B trajectories; K = number of SDE (trained) steps. All float32."""
@@ -80,7 +75,8 @@ class Rollout:
     old_means: Tensor | None
     """(B, K, ...) rollout proposal means, or None when regenerated from ``noise_seeds``."""
     noise_seeds: Tensor
-    """(K,) int64 seed of each SDE step's (B, ...) noise draw, see :func:`step_noise`."""
+    """(B,) int64 per-sample noise seeds (CPU): the draw of sample ``i`` at schedule step
+    ``j`` is ``regclip.replay.step_noise(noise_seeds, j, ...)[i]``."""
     steps: Tensor
     """(K,) int64 step indices into the schedule."""
     t: Tensor
@@ -109,18 +105,32 @@ class Rollout:
     def old_mean(self, k: int) -> Tensor:
         """(B, ...) rollout mean of SDE step ``k``: stored, or ``x' - s_t eps`` regenerated.
 
-        Regeneration is exact up to float32 rounding of ``mu + s eps - s eps``; the noise is
-        redrawn on the latents' device, which must be the rollout's device type.
+        Regeneration (:func:`regclip.replay.old_mean_from_noise`) is exact up to float32
+        rounding of ``mu + s eps - s eps``; the noise is redrawn on the latents' device,
+        which must be the rollout's device type.
         """
         if self.old_means is not None:
             return self.old_means[:, k]
         nxt = self.next_latents[:, k]
-        noise = step_noise(int(self.noise_seeds[k]), nxt.shape, nxt.device)
-        return nxt - self.std[k] * noise
+        noise = _step_noise(self.noise_seeds, int(self.steps[k]), nxt)
+        return replay.old_mean_from_noise(nxt, self.std[k], noise)
 
 
 def _batch(value: Tensor, batch: int, device: torch.device) -> Tensor:
     return value.to(device=device, dtype=torch.float32).expand(batch)
+
+
+def _step_noise(seeds: Tensor, step: int, like: Tensor) -> Tensor:
+    """(B, ...) float32 noise of schedule step ``step``, shaped and placed like ``like``."""
+    return replay.step_noise(seeds, step, like.shape[1:], device=like.device)
+
+
+def _new_seeds(batch: int, generator: torch.Generator) -> Tensor:
+    """(batch,) int64 CPU seeds drawn from ``generator``'s stream, whatever its device."""
+    if generator.device.type != "cpu":
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+        generator = torch.Generator().manual_seed(int(seed))
+    return replay.new_seeds(batch, generator)
 
 
 @torch.no_grad()
@@ -147,7 +157,7 @@ def sample_rollout(
         sigmas: (num_steps + 1,) schedule from ``arch.sigmas``.
         embeds: B rows of conditioning (one per sample).
         prompt_ids: (B,) group id of each sample.
-        generator: seeds the initial noise and the per-step noise seeds.
+        generator: seeds the initial noise and the per-sample noise seeds.
         dtype: model input precision (latents are kept in float32 between steps).
         channels: the transformer's ``in_channels``.
     """
@@ -158,18 +168,14 @@ def sample_rollout(
     record: dict[str, list[Tensor]] = {"x": [], "next": [], "logp": [], "mean": []}
     t_k, dt_k, std_k = [], [], []
     sde_steps = config.trained_steps
-    seeds = torch.randint(
-        0, 2**62, (len(sde_steps),), generator=generator, device=generator.device
-    ).cpu()
-    sde_index = {step: k for k, step in enumerate(sde_steps)}
+    seeds = _new_seeds(batch, generator)
     for i in range(config.num_steps):
         t, t_next = sigmas[i], sigmas[i + 1]
         v = arch.velocity(model, x, t, embeds, config.guidance, config.height, config.width, dtype)
-        if i not in sde_index:
+        if i not in sde_steps:
             x = x + v * (t_next - t).to(device)
             continue
-        k = sde_index[i]
-        noise = step_noise(int(seeds[k]), x.shape, device)
+        noise = _step_noise(seeds, i, x)
         out = kernel.step(
             x, v, _batch(t, batch, device), _batch(t_next - t, batch, device), noise=noise
         )
