@@ -1,5 +1,6 @@
 """What both adapters share: the ``--regclip_*`` options, the loss they build, the store of
-rollout proposal means, metric logging through upstream's logger, and version checks.
+rollout proposal means, metric logging through upstream's logger, version checks, and
+the launchers' common body (:func:`launch`).
 """
 
 from __future__ import annotations
@@ -7,8 +8,10 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from types import ModuleType
 from typing import Any, Literal
@@ -29,6 +32,7 @@ __all__ = [
     "TransitionStore",
     "build_loss",
     "inject_gradient",
+    "launch",
     "parse_known_options",
     "require_attributes",
     "require_parameters",
@@ -372,6 +376,34 @@ def run_main_block(module: ModuleType) -> None:
             exec(compile(block, inspect.getfile(module), "exec"), module.__dict__)
             return
     raise IncompatibleUpstreamError(f"{module.__name__} has no `if __name__ == '__main__':` block")
+
+
+def launch(
+    argv: Sequence[str] | None,
+    load_upstream: Callable[[Any], Any],
+    adapter: Callable[[Any, RegclipOptions], AbstractContextManager[Any]],
+    script: str,
+) -> int:
+    """The body of both ``launch.py`` drop-ins.
+
+    Splits the ``--regclip_*`` flags off ``argv`` (default ``sys.argv[1:]``), loads the
+    upstream checkout (``load_upstream(options.src)``), and, inside ``adapter(upstream,
+    options)``, runs the ``__main__`` block of upstream's training script with ``sys.argv =
+    [<checkout>/script, *other flags]``. Returns the exit status: the code of a
+    ``sys.exit`` in upstream's block (absl's ``app.run`` always exits), else 0; a
+    :class:`StopTraining` (``--regclip_max_steps``) ends the run with a message and 0.
+    """
+    options, rest = parse_known_options(sys.argv[1:] if argv is None else argv)
+    upstream = load_upstream(options.src)
+    with adapter(upstream, options):
+        sys.argv = [str(upstream.root / script), *rest]
+        try:
+            run_main_block(upstream.train_module)
+        except StopTraining as stop:
+            print(f"[regclip] {stop}")
+        except SystemExit as done:
+            return int(done.code or 0)
+    return 0
 
 
 def transition_std(sigma_t_or_std: Tensor, dt: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from integrations.common import (
     TransitionStore,
     build_loss,
     inject_gradient,
+    launch,
     parse_known_options,
     require_parameters,
     require_source,
@@ -193,6 +194,58 @@ def test_main_block_runs_in_the_modules_namespace(tmp_path, monkeypatch):
     run_main_block(module)
     assert module.CALLS == [("ran", "patched")]
     sys.modules.pop("fake_upstream_script")
+
+
+@pytest.mark.parametrize(
+    ("ending", "expected"),
+    [("", 0), ("raise SystemExit(3)", 3), ("raise StopTraining('max steps')", 0)],
+)
+def test_launch_runs_the_scripts_main_block_inside_the_adapter(
+    tmp_path, monkeypatch, capsys, ending, expected
+):
+    (tmp_path / "fake_train_script.py").write_text(
+        textwrap.dedent(f"""
+        import sys
+        from integrations.common import StopTraining
+        ARGV = []
+        if __name__ == "__main__":
+            ARGV.append(list(sys.argv))
+            {ending}
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    import fake_train_script as module
+
+    events = []
+
+    class Adapter:
+        def __init__(self, upstream, options):
+            events.append(("init", options.preset))
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *exc):
+            events.append(("exit", module.ARGV))
+
+    def load(src):
+        events.append(("load", src))
+        return SimpleNamespace(root=tmp_path, train_module=module)
+
+    argv = ["--lr", "1e-5", "--regclip_preset", "ratio_norm", "--regclip_src", "/up"]
+    try:
+        assert launch(argv, load, Adapter, "scripts/train.py") == expected
+    finally:
+        sys.modules.pop("fake_train_script")
+    script = str(tmp_path / "scripts" / "train.py")
+    assert events == [
+        ("load", "/up"),
+        ("init", "ratio_norm"),
+        "enter",
+        ("exit", [[script, "--lr", "1e-5"]]),
+    ]
+    assert ("max steps" in capsys.readouterr().out) == ("StopTraining" in ending)
 
 
 def test_launchers_explain_a_missing_checkout(tmp_path):

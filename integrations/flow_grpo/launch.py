@@ -18,22 +18,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `integrations` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from integrations.common import StopTraining, parse_known_options, run_main_block
+from integrations.common import launch
 from integrations.flow_grpo.adapter import FlowGRPOAdapter, load_upstream
 
 
 def main(argv: list[str] | None = None) -> int:
-    options, rest = parse_known_options(sys.argv[1:] if argv is None else argv)
-    upstream = load_upstream(options.src)
-    with FlowGRPOAdapter(upstream, options):
-        sys.argv = [str(upstream.root / "scripts" / "train_sd3.py"), *rest]
-        try:
-            run_main_block(upstream.train_module)
-        except StopTraining as stop:
-            print(f"[regclip] {stop}")
-        except SystemExit as done:
-            return int(done.code or 0)
-    return 0
+    return launch(argv, load_upstream, FlowGRPOAdapter, "scripts/train_sd3.py")
 
 
 if __name__ == "__main__":
