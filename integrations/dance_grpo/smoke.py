@@ -30,38 +30,18 @@ import torch
 from torch import Tensor, nn
 
 from regclip import DanceSDE
+from regclip.trainer.arch import FluxArchitecture
 
 from ..common import RegclipOptions
 from .adapter import DanceGRPOAdapter, UpstreamDanceGRPO, load_upstream
 
 __all__ = ["FLUX_DEV_TRANSFORMER", "FSDPStandIn", "build_models", "make_args", "train_step"]
 
-FLUX_DEV_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
+FLUX_DEV_TRANSFORMER: dict[str, Any] = FluxArchitecture.full_config
 """``black-forest-labs/FLUX.1-dev`` ``transformer/config.json`` (11.9 B params)."""
 
-TINY_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "pooled_projection_dim": 32,
-    "guidance_embeds": True,
-    "axes_dims_rope": (4, 6, 6),
-}
+TINY_TRANSFORMER: dict[str, Any] = {**FluxArchitecture.tiny_config, "pooled_projection_dim": 32}
+"""The trainer's tiny FLUX transformer with a 32-wide pooled projection."""
 STANDINS = ["wandb", "cv2", "liger_kernel", "flash_attn", "decord", "torchvision"]
 
 

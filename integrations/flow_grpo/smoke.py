@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 import regclip
+from regclip.trainer.arch import SD3Architecture
 
 from ..common import RegclipOptions
 from .adapter import FlowGRPOAdapter, UpstreamFlowGRPO, load_upstream
@@ -40,23 +41,11 @@ __all__ = [
     "timestep_loop",
 ]
 
-SD35M_TRANSFORMER: dict[str, Any] = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "out_channels": 16,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
+SD35M_TRANSFORMER: dict[str, Any] = SD3Architecture.full_config
 """``stabilityai/stable-diffusion-3.5-medium`` ``transformer/config.json`` (2.5 B params)."""
 
+# Smaller than the trainer's tiny SD3 config (4 latent channels, one layer, no dual
+# attention); the tiny VAE of `build_pipeline` takes its latent channels from it.
 TINY_TRANSFORMER: dict[str, Any] = {
     "sample_size": 16,
     "patch_size": 2,
