@@ -79,7 +79,7 @@ def test_pipeline_writes_finite_results_with_the_documented_schema(tiny_run):
 def test_first_optimizer_pass_sees_ratio_exactly_one(tiny_run):
     pre = pretrain.load_or_pretrain(TINY, load_digits(TINY.size), torch.device("cpu"))
     for name in ("flow_grpo", "grpo_guard_dance"):
-        trainer = _Trainer(method_spec(name, TINY), TINY, pre, load_digits(TINY.size), 1e-3, 7)
+        trainer = _Trainer(method_spec(name, TINY), TINY, pre, 1e-3, 7)
         roll, _, adv = trainer.rollout()
         out, _ = trainer.loss(roll, adv, trainer.reference_means(roll))
         assert torch.equal(out.log_ratio, torch.zeros_like(out.log_ratio))

@@ -113,7 +113,7 @@ def run_experiment(
     if cfg.dims:
         summary["left_shift_vs_dim"] = left_shift_vs_dim(cfg, device)
     specs = [method_spec(name, cfg) for name in cfg.methods]
-    clips = {spec.name: calibrate(spec, cfg, pre, digits, cfg.clip_target) for spec in specs}
+    clips = {spec.name: calibrate(spec, cfg, pre, cfg.clip_target) for spec in specs}
     log(
         f"clip ranges ({cfg.clip_target:.0%} of second-pass ratios outside on a probe): "
         + ", ".join(f"{name} {clip:.2e}" for name, clip in clips.items())

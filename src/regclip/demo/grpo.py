@@ -103,11 +103,10 @@ class _Trainer:
         spec: MethodSpec,
         cfg: DemoConfig,
         pre: Pretrained,
-        digits: Digits,
         clip_range: float,
         seed: int,
     ) -> None:
-        self.spec, self.cfg, self.pre, self.digits = spec, cfg, pre, digits
+        self.spec, self.cfg, self.pre = spec, cfg, pre
         self.device = next(pre.generator.parameters()).device
         torch.manual_seed(seed)
         self.net = copy.deepcopy(pre.generator).requires_grad_(True)
@@ -142,12 +141,11 @@ class _Trainer:
         roll: Rollout,
         adv: Tensor,
         ref_means: Tensor | None,
-        loss_fn: GuardedPPOLoss | None = None,
     ) -> tuple[LossOutput, Tensor]:
         """The loss of every rollout transition under the current network; also the means."""
         velocity = self.net(roll.states, roll.t, roll.labels)
         mean, std = self.kernel.evaluate(roll.states, velocity, roll.t, roll.dt)
-        out = (loss_fn or self.loss_fn)(
+        out = self.loss_fn(
             advantages=adv,
             mean=mean,
             old_mean=roll.old_means,
@@ -177,16 +175,15 @@ def calibrate(
     spec: MethodSpec,
     cfg: DemoConfig,
     pre: Pretrained,
-    digits: Digits,
     target: float,
     seed: int = 10_007,
 ) -> float:
     """Clip range that puts ``target`` of this method's second-pass ratios outside it.
 
-    A probe rollout from the pretrained model, one Adam step with a wide (0.5) clip, then the method's
-    log-ratios on the second pass feed :func:`regclip.calibrate_clip_range`.
+    A probe rollout from the pretrained model, one Adam step with a wide (0.5) clip, then
+    the method's log-ratios on the second pass feed :func:`regclip.calibrate_clip_range`.
     """
-    trainer = _Trainer(spec, cfg, pre, digits, clip_range=0.5, seed=seed)
+    trainer = _Trainer(spec, cfg, pre, clip_range=0.5, seed=seed)
     roll, _, adv = trainer.rollout()
     ref = trainer.reference_means(roll)
     out, _ = trainer.loss(roll, adv, ref)
@@ -213,7 +210,7 @@ def train_run(
     ``eval_noise`` (10 * eval_per_class, 1, H, W) is the fixed evaluation noise; ``ratio``
     and ``raw_ratio`` let several runs pool their per-timestep statistics.
     """
-    trainer = _Trainer(spec, cfg, pre, digits, clip_range, seed)
+    trainer = _Trainer(spec, cfg, pre, clip_range, seed)
     eval_labels = torch.arange(NUM_CLASSES, device=trainer.device).repeat_interleave(
         cfg.eval_per_class
     )
