@@ -222,3 +222,18 @@ def test_sampler_config_rejects_steps_outside_the_schedule() -> None:
         SamplerConfig(num_steps=4, sde_steps=(4,))
     with pytest.raises(ValueError, match="empty"):
         SamplerConfig(num_steps=4, sde_steps=())
+
+
+@pytest.mark.parametrize(("arch_name", "channels"), [("sd3", 16), ("flux", 64)])
+def test_initial_latents_are_packed_vae_latents(arch_name: str, channels: int) -> None:
+    arch = get_architecture(arch_name, vae_scale_factor=2)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    x = arch.initial_latents(
+        3, channels, 16, 32, torch.Generator().manual_seed(seed), torch.device("cpu")
+    )
+    image = arch.to_image_latents(x, 16, 32)
+    expected = torch.randn(
+        (3, arch.latent_channels(channels), 8, 16), generator=torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(image, expected)
+    assert torch.equal(arch.pack_latents(image), x)

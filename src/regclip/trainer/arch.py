@@ -165,7 +165,6 @@ class Architecture(ABC):
             )
         return height // f, width // f
 
-    @abstractmethod
     def initial_latents(
         self,
         batch: int,
@@ -175,7 +174,24 @@ class Architecture(ABC):
         generator: torch.Generator,
         device: torch.device,
     ) -> Tensor:
-        """(B, ...) float32 starting noise in the model's latent layout."""
+        """(B, ...) float32 starting noise in the model's latent layout.
+
+        A (B, C, h, w) standard normal draw from ``generator`` on its own device (``C =
+        latent_channels(channels)``, ``(h, w) = latent_hw(height, width)``), put in the
+        model's layout by :meth:`pack_latents` and moved to ``device``.
+        """
+        h, w = self.latent_hw(height, width)
+        shape = (batch, self.latent_channels(channels), h, w)
+        noise = torch.randn(shape, generator=generator, device=generator.device)
+        return self.pack_latents(noise).to(device)
+
+    @abstractmethod
+    def latent_channels(self, channels: int) -> int:
+        """VAE latent channels C for a transformer with ``in_channels = channels``."""
+
+    @abstractmethod
+    def pack_latents(self, latents: Tensor) -> Tensor:
+        """(B, C, h, w) VAE latents -> the model's layout (inverse: :meth:`to_image_latents`)."""
 
     @abstractmethod
     def sigmas(self, scheduler: Any, num_steps: int, height: int, width: int) -> Tensor:
@@ -270,19 +286,11 @@ class SD3Architecture(Architecture):
     }
     scheduler_config: ClassVar[dict[str, Any]] = {"num_train_timesteps": 1000, "shift": 3.0}
 
-    def initial_latents(
-        self,
-        batch: int,
-        channels: int,
-        height: int,
-        width: int,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> Tensor:
-        h, w = self.latent_hw(height, width)
-        return torch.randn(
-            (batch, channels, h, w), generator=generator, device=generator.device
-        ).to(device)
+    def latent_channels(self, channels: int) -> int:
+        return channels
+
+    def pack_latents(self, latents: Tensor) -> Tensor:
+        return latents
 
     def sigmas(self, scheduler: Any, num_steps: int, height: int, width: int) -> Tensor:
         scheduler.set_timesteps(num_steps)
@@ -365,19 +373,12 @@ class FluxArchitecture(Architecture):
 
         return FluxPipeline
 
-    def initial_latents(
-        self,
-        batch: int,
-        channels: int,
-        height: int,
-        width: int,
-        generator: torch.Generator,
-        device: torch.device,
-    ) -> Tensor:
-        h, w = self.latent_hw(height, width)
-        c = channels // 4
-        noise = torch.randn((batch, c, h, w), generator=generator, device=generator.device)
-        return self._pipeline()._pack_latents(noise, batch, c, h, w).to(device)
+    def latent_channels(self, channels: int) -> int:
+        return channels // 4  # a token is a 2 x 2 patch of C channels
+
+    def pack_latents(self, latents: Tensor) -> Tensor:
+        packed: Tensor = self._pipeline()._pack_latents(latents, *latents.shape)
+        return packed
 
     def sigmas(self, scheduler: Any, num_steps: int, height: int, width: int) -> Tensor:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
