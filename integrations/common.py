@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ __all__ = [
     "RegclipOptions",
     "StopTraining",
     "TransitionStore",
+    "UpstreamAdapter",
     "build_loss",
     "inject_gradient",
     "launch",
@@ -327,6 +328,39 @@ class Patches:
         while self._saved:
             owner, name, original = self._saved.pop()
             setattr(owner, name, original)
+
+
+_AdapterT = TypeVar("_AdapterT", bound="UpstreamAdapter")
+
+
+class UpstreamAdapter:
+    """What both adapters hold: the upstream checkout, the options, the store of rollout
+    means, the metric log, the loss (built on first use) and the upstream functions they
+    wrap. A subclass's :meth:`install` sets its patches through ``self._patches``;
+    :meth:`uninstall` undoes them. Use as a context manager."""
+
+    def __init__(self, upstream: Any, options: RegclipOptions | None = None) -> None:
+        self.upstream = upstream
+        self.options = options or RegclipOptions()
+        self.store = TransitionStore("cpu" if self.options.means_device == "cpu" else None)
+        self.metrics = MetricLog()
+        self.loss_fn: GuardedPPOLoss | None = None
+        self.last_output: Any = None
+        self._patches = Patches()
+        self._originals: dict[str, Callable[..., Any]] = {}
+        self._trained_since_rollout = False
+
+    def install(self: _AdapterT) -> _AdapterT:
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        self._patches.undo()
+
+    def __enter__(self: _AdapterT) -> _AdapterT:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
 
 
 def _incompatible(where: str, problem: str, commit: str) -> IncompatibleUpstreamError:

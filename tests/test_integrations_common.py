@@ -16,6 +16,7 @@ from integrations.common import (
     RegclipOptions,
     StopTraining,
     TransitionStore,
+    UpstreamAdapter,
     build_loss,
     inject_gradient,
     launch,
@@ -246,6 +247,25 @@ def test_launch_runs_the_scripts_main_block_inside_the_adapter(
         ("exit", [[script, "--lr", "1e-5"]]),
     ]
     assert ("max steps" in capsys.readouterr().out) == ("StopTraining" in ending)
+
+
+def test_upstream_adapter_installs_on_enter_and_undoes_on_exit():
+    upstream = SimpleNamespace(step=lambda x: x + 1)
+
+    class Adapter(UpstreamAdapter):
+        def install(self):
+            self._originals["step"] = self._patches.set(upstream, "step", self._step)
+            return self
+
+        def _step(self, x):
+            return 10 * self._originals["step"](x)
+
+    adapter = Adapter(upstream, RegclipOptions(preset="ratio_norm", means_device="cpu"))
+    assert adapter.store.device == "cpu" and adapter.loss_fn is None
+    with adapter as entered:
+        assert entered is adapter and upstream.step(1) == 20
+    assert upstream.step(1) == 2
+    assert Adapter(upstream).options == RegclipOptions()
 
 
 def test_launchers_explain_a_missing_checkout(tmp_path):

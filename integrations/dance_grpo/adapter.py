@@ -33,7 +33,6 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -46,10 +45,8 @@ from regclip import DanceSDE, GuardedPPOLoss
 
 from ..common import (
     LoggerProxy,
-    MetricLog,
-    Patches,
     RegclipOptions,
-    TransitionStore,
+    UpstreamAdapter,
     build_loss,
     inject_gradient,
     require_attributes,
@@ -184,23 +181,17 @@ class _TrainMean:
     dt: float
 
 
-class DanceGRPOAdapter:
+class DanceGRPOAdapter(UpstreamAdapter):
     """Installs the five patches of the module docstring on an :class:`UpstreamDanceGRPO`."""
 
+    upstream: UpstreamDanceGRPO
+
     def __init__(self, upstream: UpstreamDanceGRPO, options: RegclipOptions | None = None) -> None:
-        self.upstream = upstream
-        self.options = options or RegclipOptions()
-        self.store = TransitionStore("cpu" if self.options.means_device == "cpu" else None)
-        self.metrics = MetricLog()
-        self.loss_fn: GuardedPPOLoss | None = None
-        self.last_output: Any = None
+        super().__init__(upstream, options)
         self.advantages: Tensor | None = None
-        self._patches = Patches()
-        self._originals: dict[str, Callable[..., Any]] = {}
         self._flux_signature = inspect.signature(upstream.train_module.flux_step)
         self._rows: Tensor | None = None
         self._next_row = 0
-        self._trained_since_rollout = False
         self._train_mean: _TrainMean | None = None
         self._args: Any = None
 
@@ -219,15 +210,6 @@ class DanceGRPOAdapter:
             LoggerProxy(m.wandb, self.metrics, lambda d: "train_loss" in d, self.options.max_steps),
         )
         return self
-
-    def uninstall(self) -> None:
-        self._patches.undo()
-
-    def __enter__(self) -> DanceGRPOAdapter:
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.uninstall()
 
     # -- rollout ----------------------------------------------------------------------
     def _run_sample_step(self, args: Any, z: Tensor, *rest: Any, **kwargs: Any) -> Any:

@@ -39,10 +39,8 @@ from regclip import FlowSDE, GuardedPPOLoss
 
 from ..common import (
     LoggerProxy,
-    MetricLog,
-    Patches,
     RegclipOptions,
-    TransitionStore,
+    UpstreamAdapter,
     build_loss,
     require_attributes,
     require_parameters,
@@ -153,24 +151,18 @@ class _TrainStep:
     ref_mean: Tensor | None = None
 
 
-class FlowGRPOAdapter:
+class FlowGRPOAdapter(UpstreamAdapter):
     """Installs the four patches of the module docstring on an :class:`UpstreamFlowGRPO`.
 
     Use as a context manager or call :meth:`install` / :meth:`uninstall`.
     """
 
+    upstream: UpstreamFlowGRPO
+
     def __init__(self, upstream: UpstreamFlowGRPO, options: RegclipOptions | None = None) -> None:
-        self.upstream = upstream
-        self.options = options or RegclipOptions()
-        self.store = TransitionStore("cpu" if self.options.means_device == "cpu" else None)
-        self.metrics = MetricLog()
-        self.loss_fn: GuardedPPOLoss | None = None
-        self.last_output: Any = None
-        self._patches = Patches()
+        super().__init__(upstream, options)
         self._recording = False
-        self._trained_since_rollout = False
         self._step: _TrainStep | None = None
-        self._originals: dict[str, Any] = {}
 
     # -- install --------------------------------------------------------------------
     def install(self) -> FlowGRPOAdapter:
@@ -203,15 +195,6 @@ class FlowGRPOAdapter:
             ),
         )
         return self
-
-    def uninstall(self) -> None:
-        self._patches.undo()
-
-    def __enter__(self) -> FlowGRPOAdapter:
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.uninstall()
 
     # -- rollout ----------------------------------------------------------------------
     def _rollout(self, pipeline: Any, *args: Any, **kwargs: Any) -> Any:
