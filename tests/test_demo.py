@@ -31,24 +31,23 @@ TINY = dataclasses.replace(DemoConfig(), **PRESET_BUDGETS["tiny"])
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run several times faster on one thread (no spin-waiting on a busy
-    2-core runner)."""
+def quick_cpu_and_private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One thread (tiny convolutions run several times faster without spin-waiting on a busy
+    2-core runner) and a pretraining cache in a temp folder, for every test here."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pretrain, "CACHE_DIR", tmp_path_factory.mktemp("cache"))
+        yield
     torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """The whole pipeline on the tiny budget (pretraining cached in a temp folder)."""
-    root = tmp_path_factory.mktemp("demo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pretrain, "CACHE_DIR", root / "cache")
-        cfg = dataclasses.replace(TINY, methods=("flow_grpo", "velocity_guard"), dims=(64,))
-        summary = run_experiment(cfg, root / "out", log=lambda _: None)
-    return root / "out", summary
+    """The whole pipeline on the tiny budget."""
+    out = tmp_path_factory.mktemp("demo")
+    cfg = dataclasses.replace(TINY, methods=("flow_grpo", "velocity_guard"), dims=(64,))
+    return out, run_experiment(cfg, out, log=lambda _: None)
 
 
 def test_pipeline_writes_finite_results_with_the_documented_schema(tiny_run):
