@@ -4,18 +4,22 @@ sweeps at other clip targets) into one summary.
 ``python -m regclip.demo.merge OUT MAIN_DIR... [--sweep SWEEP_DIR...]``: the main dirs'
 methods are concatenated over seeds (per-timestep means and stds pooled exactly from their
 counts; clip fractions weighted by the same counts), the sweep dirs' runs become
-``clip_sweep`` entries, and the matched comparisons are recomputed. ``samples.npz`` is
-taken from the first main dir.
+``clip_sweep`` entries, and the matched comparisons are recomputed. A main dir may hold an
+already merged summary (its ``clip_sweep`` entries are kept), so a later run of other
+methods at the same configuration can be added to an earlier one; the configurations must
+agree on everything but the methods, seeds, left-shift dims and time budget. ``samples.npz``
+holds every main dir's digit grids (the first dir holding a method's grids wins).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .analysis import matched_comparisons
 
@@ -56,19 +60,33 @@ def pool_timesteps(
 
 
 RATIO_PAIRS = (("mean", "std"), ("log_mean", "log_std"), ("raw_mean", "raw_std"))
+FREE_CONFIG_KEYS = frozenset({"methods", "seeds", "dims", "time_budget"})
+"""Config entries that may differ between the merged main summaries."""
+
+
+def check_same_config(configs: list[dict[str, Any]]) -> None:
+    """Raise ``ValueError`` when two main summaries differ outside :data:`FREE_CONFIG_KEYS`."""
+    for config in configs[1:]:
+        diff = {
+            key
+            for key in set(config) | set(configs[0])
+            if key not in FREE_CONFIG_KEYS and config.get(key) != configs[0].get(key)
+        }
+        if diff:
+            raise ValueError(f"main summaries differ in config {sorted(diff)}")
 
 
 def merge_summaries(mains: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary from per-seed summaries (``mains``) and clip-sweep summaries."""
+    check_same_config([m["config"] for m in mains])
     merged: dict[str, Any] = {key: mains[0][key] for key in ("device", "config")}
     merged["config"] = {
         **merged["config"],
         "seeds": sorted({s for m in mains for e in m["methods"].values() for s in e["seeds"]}),
     }
-    merged["skipped"] = [s for m in mains + sweeps for s in m.get("skipped", [])]
     merged["seconds"] = max(m.get("seconds", 0.0) for m in mains + sweeps)
     merged["methods"] = {}
-    for name in mains[0]["methods"]:
+    for name in dict.fromkeys(name for m in mains for name in m["methods"]):
         parts = [m["methods"][name] for m in mains if name in m["methods"]]
         ratio_tabs = [p["ratio_by_timestep"] for p in parts]
         counts = [tab["count"] for tab in ratio_tabs]
@@ -85,7 +103,14 @@ def merge_summaries(mains: list[dict[str, Any]], sweeps: list[dict[str, Any]]) -
             },
             "clip_by_timestep": pool_timesteps([p["clip_by_timestep"] for p in parts], counts, ()),
         }
+    done = {f"{name} seed {s}" for name, e in merged["methods"].items() for s in e["seeds"]}
+    merged["skipped"] = [s for m in mains for s in m.get("skipped", []) if s not in done]
+    merged["skipped"] += [s for m in sweeps for s in m.get("skipped", [])]
+    merged["skipped"] = list(dict.fromkeys(merged["skipped"]))
     merged["clip_sweep"] = {}
+    for main in mains:
+        for name, entries in main.get("clip_sweep", {}).items():
+            merged["clip_sweep"].setdefault(name, []).extend(entries)
     for sweep in sweeps:
         for name, entry in sweep["methods"].items():
             merged["clip_sweep"].setdefault(name, []).append(
@@ -121,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overopt.json").write_text(json.dumps(merge_summaries(mains, sweeps), indent=1))
-    first = args.mains[0] / "samples.npz"
-    if first.is_file() and first.resolve() != (args.out / "samples.npz").resolve():
-        shutil.copy(first, args.out / "samples.npz")
+    grids: dict[str, Any] = {}
+    for folder in args.mains:
+        if (folder / "samples.npz").is_file():
+            with np.load(folder / "samples.npz") as stored:
+                for key in stored.files:
+                    grids.setdefault(key, stored[key])
+    np.savez_compressed(args.out / "samples.npz", **grids)
     return 0
 
 

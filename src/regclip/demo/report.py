@@ -64,8 +64,10 @@ def _matched_table(summary: dict[str, Any], axis: str) -> list[str]:
         ]
         for name, table in matched["at"].items():
             seeds = len(summary["methods"][name]["seeds"])
+            reached = max((table[m][index] or {}).get("n", 0) for m in metrics)
+            count = str(seeds) if reached == seeds else f"{reached} of {seeds}"
             cells = [_cell(table[m][index]) for m in metrics]
-            lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {count} | " + " | ".join(cells) + " |")
     return lines
 
 
