@@ -7,6 +7,8 @@
 # finished run; the per-process summaries are merged into $OUT/overopt.json and packed with
 # their logs into $OUT/work.tar.gz. Combine with the earlier run afterwards:
 #   python -m regclip.demo.merge docs/results/gpu docs/results/gpu $OUT
+# METHOD_GROUPS picks other arms: comma-separated groups, one process per (seed, group), e.g.
+#   METHOD_GROUPS="flow_grpo_dance,grpo_guard_dance,velocity_guard_dance" (one arm a process).
 #   usage: OUT=/some/dir TOTAL_S=500 benchmarks/overopt_gpu_rest.sh [extra regclip demo args]
 set -o pipefail
 OUT=${OUT:-runs/overopt_gpu_rest}
@@ -15,8 +17,8 @@ TOTAL_S=${TOTAL_S:-500}  # wall-clock limit of the whole script; late runs are s
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT" "$WORK"
 COMMON=(--budget gpu --device cuda --no-plots --dims "$@")
-PAIRS=("ratio_norm flow_grpo_dance" "mean_revised grpo_guard_dance"
-  "flow_grpo_kl velocity_guard_dance")
+METHOD_GROUPS=${METHOD_GROUPS:-"ratio_norm flow_grpo_dance,mean_revised grpo_guard_dance,flow_grpo_kl velocity_guard_dance"}
+IFS=, read -r -a PAIRS <<< "$METHOD_GROUPS"
 start=$(date +%s)
 python -m regclip.cli demo "${COMMON[@]}" --pretrain-only || exit 1
 elapsed=$(($(date +%s) - start))
