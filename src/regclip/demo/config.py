@@ -1,4 +1,4 @@
-"""Experiment configuration: one dataclass, three named budgets (``tiny``, ``cpu``, ``gpu``)."""
+"""Configuration of the frontier testbed: one dataclass, named budgets (tiny, cpu, gpu)."""
 
 from __future__ import annotations
 
@@ -7,70 +7,68 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-__all__ = ["METHOD_NAMES", "PRESET_BUDGETS", "DemoConfig"]
+__all__ = ["PRESET_BUDGETS", "DemoConfig", "seed_sources"]
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when the networks or the pretraining change, so stale caches are not loaded."""
 
-METHOD_NAMES: tuple[str, ...] = (
-    "flow_grpo",
-    "grpo_guard",
-    "velocity_guard",
-    "ratio_norm",
-    "mean_revised",
-    "flow_grpo_kl",
-    "flow_grpo_dance",
-    "grpo_guard_dance",
-    "velocity_guard_dance",
-    "flow_grpo_uniform",
-    "grpo_guard_uniform",
-    "velocity_guard_uniform",
-)
-"""Every method the demo knows (:func:`regclip.demo.grpo.method_spec` defines each)."""
+
+def seed_sources(seed: int) -> tuple[int, int]:
+    """(pretraining seed, proxy seed) of GRPO seed ``seed``: the seeds cycle through every
+    pair of two pretrained generators and two proxy raters, (0, 0), (1, 0), (0, 1), (1, 1),
+    so every method sees the same generators and raters under the same GRPO seed."""
+    return seed % 2, (seed // 2) % 2
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """All knobs of one ``regclip demo`` run. Pretraining fields key the cache."""
+    """All knobs of one run of the testbed. Pretraining fields key the checkpoint cache."""
 
     size: int = 32
     """Image side; D = size**2."""
-    width: int = 24
-    """Generator base channels."""
     patch: int = 4
-    """Generator patch size (its convolutions run at size / patch)."""
+    """Mixer patch side (tokens = (size / patch)**2)."""
+    width: int = 64
+    """Mixer channels."""
+    depth: int = 3
     pretrain_steps: int = 600
     pretrain_batch: int = 128
     pretrain_lr: float = 2e-3
-    classifier_steps: int = 300
-    steps: int = 20
-    """GRPO iterations (one rollout each)."""
-    group_size: int = 6
-    """Samples per class per rollout (10 classes -> 10 * group_size per rollout)."""
-    passes: int = 4
-    """Optimizer steps per rollout (the ratio leaves 1 only after the first)."""
-    lr: float = 3e-4
     num_steps: int = 8
     """Sampling steps T of rollouts and evaluation."""
     shift: float = 3.0
-    """SD3 time shift of the default schedule."""
+    """SD3 time shift of the schedule."""
     flow_eta: float = 0.7
     dance_eta: float = 0.3
-    kl_coef: float = 0.1
-    """KL coefficient of the ``flow_grpo_kl`` baseline (upstream's sigma^2 convention)."""
-    clip_target: float = 0.2
-    """Clip range per method: the one that puts this fraction of second-pass ratios outside
-    [1 - eps, 1 + eps] on a probe rollout from the pretrained model."""
-    eval_every: int = 5
-    eval_per_class: int = 8
+    groups: int = 4
+    """Groups per rollout (the world is unconditional: a group is G draws sharing a baseline)."""
+    group_size: int = 8
+    iterations: int = 40
+    """GRPO iterations (one rollout each)."""
+    lr: float = 3e-4
+    """Adam learning rate of every run."""
+    passes: tuple[int, ...] = (4,)
+    """Optimizer steps per rollout; the ratio leaves 1 only after the first."""
     methods: tuple[str, ...] = ("flow_grpo", "grpo_guard", "velocity_guard")
-    seeds: tuple[int, ...] = (0,)
-    dims: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
-    """Latent dimensions of the left-shift-versus-D measurement."""
+    clip_scales: tuple[float | None, ...] = (0.25, 1.0, 4.0)
+    """Clip ranges as multiples of each method's calibrated base (None: no clipping)."""
+    clip_target: float = 0.2
+    """A method's base clip range puts this fraction of second-pass ratios outside it on a
+    probe rollout from the pretrained generator."""
+    kl_coef: float = 0.02
+    """KL coefficient of ``flow_grpo_kl`` (upstream's sigma^2 convention)."""
+    adaptive_target: float = 0.15
+    """Target clip fraction of the ``adaptive_guard`` arms."""
+    kl_bounds: tuple[float, ...] = (0.25, 1.0, 4.0)
+    """KL-mask bounds as multiples of the calibrated base bound."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    eval_every: int = 5
+    eval_samples: int = 64
+    """ODE samples from fixed noise per evaluation."""
     device: str = "cpu"
-    time_budget: float | None = None
-    """Seconds; a run is skipped (and listed as skipped) when the elapsed time plus the
-    previous run's duration would exceed it."""
+    time_limit: float | None = None
+    """Seconds; an ensemble still training then is evaluated and stopped early (its curve
+    ends there)."""
 
     @property
     def dim(self) -> int:
@@ -78,18 +76,9 @@ class DemoConfig:
 
     def pretrain_key(self) -> str:
         """Short hash of the fields that determine the pretrained weights."""
-        fields = (
-            "size",
-            "width",
-            "patch",
-            "pretrain_steps",
-            "pretrain_batch",
-            "pretrain_lr",
-            "classifier_steps",
-        )
+        fields = ("size", "patch", "width", "depth", "pretrain_steps", "pretrain_batch", "pretrain_lr")
         key = {name: getattr(self, name) for name in fields} | {"version": CACHE_VERSION}
-        blob = json.dumps(key, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -100,34 +89,35 @@ class DemoConfig:
 PRESET_BUDGETS: dict[str, dict[str, object]] = {
     "tiny": dict(
         size=16,
-        width=8,
-        patch=2,
-        pretrain_steps=40,
-        classifier_steps=40,
-        steps=2,
-        group_size=2,
-        passes=2,
+        patch=4,
+        width=16,
+        depth=1,
+        pretrain_steps=30,
+        pretrain_batch=32,
         num_steps=4,
+        groups=2,
+        group_size=4,
+        iterations=2,
         eval_every=1,
-        eval_per_class=2,
-        dims=(64, 256),
+        eval_samples=8,
+        seeds=(0,),
+        clip_scales=(1.0,),
     ),
     "cpu": {},
     "gpu": dict(
         size=64,
-        width=64,
         patch=8,
-        pretrain_steps=3000,
+        width=128,
+        depth=4,
+        pretrain_steps=4000,
         pretrain_batch=256,
-        classifier_steps=1500,
-        steps=120,
-        group_size=16,
         num_steps=10,
-        eval_every=10,
-        eval_per_class=16,
+        groups=2,
+        group_size=16,
+        iterations=120,
         lr=1e-4,
-        methods=METHOD_NAMES,
-        dims=(64, 256, 1024, 4096, 16384, 65536),
+        eval_every=10,
+        eval_samples=128,
     ),
 }
 """Overrides of :class:`DemoConfig` per ``--budget``; ``cpu`` is the default."""

@@ -1,22 +1,16 @@
-"""Run methods x seeds on identical seeds and budgets and write the summary JSON.
+"""Run a grid of arms and write ``frontier.json``.
 
-Layout of ``overopt.json``::
+Layout (compact JSON, one run per line)::
 
-    {"methods": {name: {"seeds": [...], "clip_range": eps, "clip_target": f,
-                        "eval": [{"seed", "step", "proxy", "gold_acc", "nn_dist",
-                                  "diversity", "drift", "kl"}, ...],
-                        "train": [{"seed", "step", "rollout_proxy", "pass2/...": ...}, ...],
-                        "ratio_by_timestep": {"t", "count", "mean", "std", "log_mean",
-                                              "log_std", "raw_mean", "raw_std": [...]},
-                        "clip_by_timestep": {"frac", "pos_high", "pos_low", "neg_low",
-                                             "neg_high": [...]}}},
-     "clip_sweep": {name: [{"clip_target", "clip_range", "seed", "eval": [...]}]},
-     "matched": {...}, "left_shift_vs_dim": {...}, "device": ..., "config": {...}}
+    {"device": "...", "config": {...}, "pretrained": {"0": hash, ...},
+     "proxies": {"0": {"background": g_b, "disc": g_d}, ...}, "bases": {method: eps},
+     "runs": [{"method", "sde", "clip_scale", "clip_range", "seed", "pretrain_seed",
+               "pretrain_hash", "reward_seed", "passes", "clip_by_step": [T floats],
+               "curve": [{"iteration", "proxy", "gold", "hack", "contrast", "residual",
+                          "rollout_proxy", "pass2/...", "last/..."}, ...]}, ...]}
 
-``mean``/``std`` are the method's own ratio, ``raw_*`` the vanilla ratio of the same
-transitions (before normalization), both from the second and later optimizer passes of
-every rollout, pooled over seeds. The JSON is rewritten after every run, so an
-interrupted experiment leaves a valid partial file.
+``gold`` is higher-is-better (ceiling 1), ``hack`` the fitted background brightness. Training
+metrics in a curve record are means over the iterations since the previous record.
 """
 
 from __future__ import annotations
@@ -24,33 +18,21 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..diagnostics import TimestepDiagnostics
-from .analysis import matched_comparisons
+from .arms import RunSpec, parse_method
 from .config import DemoConfig
-from .data import NUM_CLASSES, load_digits
-from .dimension import left_shift_vs_dim
-from .grpo import RunResult, calibrate, method_spec, train_run
+from .engine import RunRecord, calibrate, run_ensemble
 from .pretrain import load_or_pretrain
-from .rollout import time_schedule
+from .reward import fit_proxy
+from .world import DiscWorld
 
-__all__ = ["describe_device", "run_experiment", "timestep_tables"]
-
-RATIO_KEYS = {
-    "count": "count",
-    "mean": "ratio/mean",
-    "std": "ratio/std",
-    "log_mean": "log_ratio/mean",
-    "log_std": "log_ratio/std",
-}
-CLIP_KEYS = {key: f"clip/{key}" for key in ("frac", "pos_high", "pos_low", "neg_low", "neg_high")}
+__all__ = ["default_runs", "describe_device", "dump_compact", "run_experiment"]
 
 
 def describe_device(device: torch.device) -> str:
@@ -60,131 +42,119 @@ def describe_device(device: torch.device) -> str:
     return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def _columns(diag: TimestepDiagnostics, keys: dict[str, str]) -> dict[str, list[float]]:
-    summary = diag.summary()
-    return {out: [summary[k][key] for k in sorted(summary)] for out, key in keys.items()}
+def default_runs(cfg: DemoConfig) -> list[RunSpec]:
+    """``cfg.methods`` x clip settings x ``cfg.passes`` x ``cfg.seeds``: ``cfg.clip_scales``
+    for clipped methods, ``cfg.kl_bounds`` for ``kl_mask``, one run for ``adaptive_guard``."""
+    runs = []
+    for method in cfg.methods:
+        base, _ = parse_method(method)
+        scales: Sequence[float | None] = {
+            "adaptive_guard": (None,),
+            "kl_mask": cfg.kl_bounds,
+        }.get(base, cfg.clip_scales)
+        runs += [
+            RunSpec(method, scale, passes, seed)
+            for scale in scales
+            for passes in cfg.passes
+            for seed in cfg.seeds
+        ]
+    return runs
 
 
-def timestep_tables(
-    own: TimestepDiagnostics, raw: TimestepDiagnostics, times: list[float]
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """``ratio_by_timestep`` and ``clip_by_timestep`` of the JSON from the accumulators."""
-    ratio = {
-        "t": times,
-        **_columns(own, RATIO_KEYS),
-        **_columns(raw, {"raw_mean": "ratio/mean", "raw_std": "ratio/std"}),
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    return value
+
+
+def dump_compact(result: dict[str, Any], path: Path) -> None:
+    """Write ``result`` as JSON without indentation, one run per line, floats to 5 digits."""
+    meta = [f"{json.dumps(k)}:{json.dumps(_round(v), separators=(',', ':'))}" for k, v in result.items() if k != "runs"]
+    runs = [json.dumps(_round(r), separators=(",", ":")) for r in result.get("runs", [])]
+    text = "{" + ",\n".join(meta) + ',\n"runs":[\n' + ",\n".join(runs) + "\n]}\n"
+    path.write_text(text)
+
+
+def _record_json(rec: RunRecord, cfg: DemoConfig, hashes: dict[int, str]) -> dict[str, Any]:
+    spec = rec.spec
+    curve = []
+    prev = 0
+    for row in rec.curve:
+        window = [t for t in rec.train if prev < t["iteration"] <= row["iteration"]]
+        prev = row["iteration"]
+        extra = {
+            k: sum(t[k] for t in window) / len(window)
+            for k in (window[0] if window else {})
+            if k != "iteration"
+        }
+        curve.append({**row, **extra})
+    steps = [c for c in rec.clip_by_step if c]
+    clip_by_step = [sum(col) / len(col) for col in zip(*steps, strict=True)] if steps else []
+    return {
+        "method": spec.method,
+        "sde": spec.sde,
+        "clip_scale": spec.clip_scale,
+        "clip_range": rec.clip_range,
+        "seed": spec.seed,
+        "pretrain_seed": spec.pretrain_seed,
+        "pretrain_hash": hashes[spec.pretrain_seed],
+        "reward_seed": spec.reward_seed,
+        "passes": spec.passes,
+        "lr": cfg.lr,
+        "size": cfg.size,
+        "clip_by_step": clip_by_step,
+        **({"final_ranges": rec.final_ranges} if rec.final_ranges else {}),
+        "curve": curve,
     }
-    return ratio, _columns(own, CLIP_KEYS)
 
 
 def run_experiment(
-    cfg: DemoConfig, out_dir: Path, log: Callable[[str], None] = print
+    cfg: DemoConfig,
+    out: Path,
+    runs: Sequence[RunSpec] | None = None,
+    log: Callable[[str], None] = print,
+    keep_images: int = 8,
+    bases: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Pretrain (or load), calibrate clip ranges, run every method x seed, write outputs.
-
-    Writes ``overopt.json`` and ``samples.npz`` (uint8 digits, ``<method>/start`` and
-    ``<method>/end``, first seed) into ``out_dir`` and returns the summary dict.
-    """
+    """Pretrain (or load), fit the raters, calibrate (unless ``bases`` are given), train
+    every run; write ``out/frontier.json`` and ``out/samples.pt`` (start and end samples of
+    the seed-0 runs)."""
     start = time.perf_counter()
     device = torch.device(cfg.device)
-    if device.type == "cuda":
-        # Rollout and training passes must agree to ~1e-7: no TF32 in convolutions.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    out_dir.mkdir(parents=True, exist_ok=True)
-    digits = load_digits(cfg.size)
-    pre = load_or_pretrain(cfg, digits, device)
-    log(
-        f"pretrained networks ({'cache' if pre.seconds == 0 else f'{pre.seconds:.0f} s'}), "
-        f"D = {cfg.dim}, device {describe_device(device)}"
-    )
-    summary: dict[str, Any] = {
-        "methods": {},
-        "clip_sweep": {},
+    runs = list(runs) if runs is not None else default_runs(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    pre = load_or_pretrain(cfg, sorted({r.pretrain_seed for r in runs}), device, log)
+    world = DiscWorld(cfg.size)
+    proxies = {s: fit_proxy(world, s) for s in sorted({r.reward_seed for r in runs})}
+    if bases is None:
+        bases = calibrate(cfg, sorted({r.method for r in runs}), pre, proxies, device)
+    log("calibrated clip ranges: " + ", ".join(f"{m} {b:.3g}" for m, b in bases.items()))
+    groups: dict[tuple[str, int], list[RunSpec]] = defaultdict(list)
+    for r in runs:
+        groups[(r.sde, r.passes)].append(r)
+    records: list[RunRecord] = []
+    for (sde, passes), group in groups.items():
+        log(f"{len(group)} runs on {sde}-SDE with {passes} pass(es) per rollout")
+        records += run_ensemble(cfg, group, pre, proxies, bases, device, log, keep_images)
+    result: dict[str, Any] = {
         "device": describe_device(device),
         "config": cfg.to_json(),
-        "skipped": [],
-        "pretrain_seconds": pre.seconds,
+        "seconds": time.perf_counter() - start,
+        "pretrained": {str(s): h for s, h in pre.hashes.items()},
+        "proxies": {str(s): p.sensitivity for s, p in proxies.items()},
+        "bases": bases,
+        "runs": [_record_json(r, cfg, pre.hashes) for r in records],
     }
-    eval_noise = torch.randn(
-        (NUM_CLASSES * cfg.eval_per_class, 1, cfg.size, cfg.size),
-        generator=torch.Generator().manual_seed(12_345),
-    ).to(device)
-    if cfg.dims:
-        summary["left_shift_vs_dim"] = left_shift_vs_dim(cfg, device)
-    specs = [method_spec(name, cfg) for name in cfg.methods]
-    clips = {spec.name: calibrate(spec, cfg, pre, cfg.clip_target) for spec in specs}
-    log(
-        f"clip ranges ({cfg.clip_target:.0%} of second-pass ratios outside on a probe): "
-        + ", ".join(f"{name} {clip:.2e}" for name, clip in clips.items())
-    )
-    pooled = {spec.name: (TimestepDiagnostics(), TimestepDiagnostics()) for spec in specs}
-    images: dict[str, np.ndarray] = {}
-    jobs = [(seed, spec) for seed in cfg.seeds for spec in specs]
-    bar = tqdm(total=len(jobs) * cfg.steps, desc="GRPO", unit="it", dynamic_ncols=True)
-    last_run = 0.0
-    for seed, spec in jobs:
-        label = f"{spec.name} seed {seed}"
-        run_start = time.perf_counter()
-        if cfg.time_budget is not None and run_start - start + last_run > cfg.time_budget:
-            summary["skipped"].append(label)
-            bar.update(cfg.steps)
-            continue
-        bar.set_postfix_str(label)
-        own, raw = pooled[spec.name]
-        result = train_run(
-            spec,
-            cfg,
-            pre,
-            digits,
-            clips[spec.name],
-            seed,
-            eval_noise,
-            on_iteration=lambda: bar.update(1),
-            ratio=own,
-            raw_ratio=raw,
-        )
-        _record(summary, images, spec.name, seed, clips[spec.name], result, pooled, cfg)
-        summary["matched"] = matched_comparisons(summary["methods"])
-        summary["seconds"] = time.perf_counter() - start
-        _write(summary, images, out_dir)
-        last_run = time.perf_counter() - run_start
-        log(
-            f"{label}: {last_run:.0f} s, proxy {result.evals[0]['proxy']:.2f} -> "
-            f"{result.evals[-1]['proxy']:.2f}, gold_acc {result.evals[0]['gold_acc']:.2f} -> "
-            f"{result.evals[-1]['gold_acc']:.2f}"
-        )
-    bar.close()
-    summary["seconds"] = time.perf_counter() - start
-    _write(summary, images, out_dir)
-    return summary
-
-
-def _record(
-    summary: dict[str, Any],
-    images: dict[str, np.ndarray],
-    name: str,
-    seed: int,
-    clip: float,
-    result: RunResult,
-    pooled: dict[str, tuple[TimestepDiagnostics, TimestepDiagnostics]],
-    cfg: DemoConfig,
-) -> None:
-    entry = summary["methods"].setdefault(
-        name,
-        {"seeds": [], "clip_range": clip, "clip_target": cfg.clip_target, "eval": [], "train": []},
-    )
-    entry["seeds"].append(seed)
-    entry["eval"] += [{"seed": seed, **e} for e in result.evals]
-    entry["train"] += [{"seed": seed, **e} for e in result.train]
-    times = time_schedule(cfg.num_steps, method_spec(name, cfg).shift)[:-1].tolist()
-    entry["ratio_by_timestep"], entry["clip_by_timestep"] = timestep_tables(*pooled[name], times)
-    if seed == cfg.seeds[0]:
-        for stage, batch in result.images.items():
-            images[f"{name}/{stage}"] = ((batch.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-
-
-def _write(summary: dict[str, Any], images: dict[str, np.ndarray], out_dir: Path) -> None:
-    (out_dir / "overopt.json").write_text(json.dumps(summary, indent=1))
-    arrays: dict[str, Any] = dict(images)
-    np.savez_compressed(out_dir / "samples.npz", **arrays)
+    dump_compact(result, out / "frontier.json")
+    samples = {
+        f"{r.spec.method}|{r.spec.clip_scale}|{r.spec.passes}|{key}": img
+        for r in records
+        if r.spec.seed == 0
+        for key, img in r.images.items()
+    }
+    torch.save(samples, out / "samples.pt")
+    return result

@@ -1,4 +1,16 @@
-"""Small networks: the class-conditional velocity field and the two digit classifiers."""
+r"""An ensemble of small MLP-Mixer velocity networks, every member trained independently.
+
+Each parameter carries a leading member axis ``E``, so ``E`` networks run as one batched
+matrix multiply per layer: many GRPO runs (methods, clip ranges, seeds) share one GPU in
+lockstep, each with its own weights, optimizer state and loss, and none sees another's
+gradient (the loss is a sum of per-member losses over disjoint parameters).
+
+Member forward, on ``x`` (N, 1, S, S) and ``t`` (N,): patchify to L = (S / p)^2 tokens of
+p^2 pixels, embed to C channels, add a learned position embedding and, before every block,
+a time embedding (sinusoidal features of ``t`` through a linear map); each block is a
+token-mixing MLP over L and a channel MLP over C (pre-LayerNorm, residual); a linear head
+maps back to patches. Output: the velocity (N, 1, S, S).
+"""
 
 from __future__ import annotations
 
@@ -8,117 +20,94 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .data import NATIVE, NUM_CLASSES
-
-__all__ = ["GoldClassifier", "ProxyClassifier", "VelocityNet"]
+__all__ = ["EnsembleMixer"]
 
 
-def _groups(channels: int) -> int:
-    return math.gcd(channels, 8)
+def _time_features(t: Tensor, n: int = 16) -> Tensor:
+    """(..., ) -> (..., n) sinusoidal features of t in [0, 1]."""
+    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), n // 2, device=t.device))
+    angle = t.unsqueeze(-1) * freqs
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
 
-class _ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, FiLM-conditioned on the embedding, residual."""
+class EnsembleMixer(nn.Module):
+    """``members`` independent Mixer velocity nets on ``size x size`` single-channel images.
 
-    def __init__(self, c_in: int, c_out: int, emb: int) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.film = nn.Linear(emb, 2 * c_out)
-        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        return self.skip(x) + self.conv2(F.silu(h))
-
-
-class VelocityNet(nn.Module):
-    """Class-conditional U-Net predicting the rectified-flow velocity ``v = eps - x0``.
-
-    ``forward(x (B, 1, H, W), t (B,) in [0, 1], label (B,) int) -> (B, 1, H, W)``. The
-    image is cut into ``patch x patch`` patches (pixel unshuffle) so the convolutions run at
-    H / patch; then two resolutions and a bottleneck, one residual block each way, and a
-    pixel shuffle back. The output is per pixel: D = H * W stays the sample's dimension.
+    Call with ``x`` (E, N, 1, S, S) and ``t`` (E, N); returns (E, N, 1, S, S).
     """
 
-    def __init__(self, width: int = 32, patch: int = 4, emb: int = 64) -> None:
+    def __init__(
+        self,
+        members: int,
+        size: int,
+        patch: int,
+        width: int = 128,
+        depth: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
-        self.freqs = nn.Parameter(
-            torch.exp(torch.linspace(0, math.log(1000), emb // 2)), requires_grad=False
-        )
-        self.time_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.label_emb = nn.Embedding(NUM_CLASSES, emb)
-        c1, c2 = width, 2 * width
-        self.patch = patch
-        self.inp = nn.Conv2d(patch * patch, c1, 3, padding=1)
-        self.down1 = _ResBlock(c1, c1, emb)
-        self.down2 = _ResBlock(c1, c2, emb)
-        self.mid = _ResBlock(c2, c2, emb)
-        self.up2 = _ResBlock(2 * c2, c1, emb)
-        self.up1 = _ResBlock(2 * c1, c1, emb)
-        self.out_norm = nn.GroupNorm(_groups(c1), c1)
-        self.out = nn.Conv2d(c1, patch * patch, 3, padding=1)
-        for param in self.out.parameters():  # start from v = 0
-            nn.init.zeros_(param)
+        if size % patch:
+            raise ValueError(f"`patch` ({patch}) must divide `size` ({size})")
+        self.members, self.size, self.patch = members, size, patch
+        tokens, pix = (size // patch) ** 2, patch * patch
+        self.tokens, self.width, self.depth = tokens, width, depth
 
-    def forward(self, x: Tensor, t: Tensor, label: Tensor) -> Tensor:
-        angles = t[:, None].float() * self.freqs[None]
-        emb = self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=1)) + self.label_emb(label)
-        h0 = self.down1(self.inp(F.pixel_unshuffle(x, self.patch)), emb)
-        h1 = self.down2(F.avg_pool2d(h0, 2), emb)
-        mid = self.mid(F.avg_pool2d(h1, 2), emb)
-        u1 = self.up2(torch.cat([F.interpolate(mid, scale_factor=2.0), h1], dim=1), emb)
-        u0 = self.up1(torch.cat([F.interpolate(u1, scale_factor=2.0), h0], dim=1), emb)
-        return F.pixel_shuffle(self.out(F.silu(self.out_norm(u0))), self.patch)
+        def param(*shape: int, fan_in: int | None = None, zero: bool = False) -> nn.Parameter:
+            if zero:
+                return nn.Parameter(torch.zeros(members, *shape))
+            std = 1.0 / math.sqrt(fan_in if fan_in is not None else shape[0])
+            return nn.Parameter(torch.randn(members, *shape, generator=generator) * std)
 
+        self.embed = param(pix, width)
+        self.pos = param(tokens, width, fan_in=width)
+        self.time_w = param(16, depth * width)
+        self.tok_in = nn.ParameterList([param(tokens, 2 * tokens) for _ in range(depth)])
+        self.tok_out = nn.ParameterList([param(2 * tokens, tokens, zero=True) for _ in range(depth)])
+        self.ch_in = nn.ParameterList([param(width, 2 * width) for _ in range(depth)])
+        self.ch_out = nn.ParameterList([param(2 * width, width, zero=True) for _ in range(depth)])
+        self.head = param(width, pix, zero=True)
 
-class ProxyClassifier(nn.Module):
-    """Full-resolution CNN ``(B, 1, H, W) -> (B, 10)`` logits; the *hackable* proxy.
+    @staticmethod
+    def _mm(x: Tensor, w: Tensor) -> Tensor:
+        """(E, N, L, A) @ (E, A, B) -> (E, N, L, B), one batched GEMM per member."""
+        e, n, l, a = x.shape
+        return torch.bmm(x.reshape(e, n * l, a), w).view(e, n, l, w.shape[-1])
 
-    It sees every pixel and was trained on clean split-A digits only, so its logit margin
-    can be raised by off-manifold high-frequency patterns and by contrast beyond [-1, 1].
-    """
+    def patchify(self, x: Tensor) -> Tensor:
+        """(E, N, 1, S, S) -> (E, N, L, p^2)."""
+        e, n = x.shape[:2]
+        g, p = self.size // self.patch, self.patch
+        return x.reshape(e, n, g, p, g, p).permute(0, 1, 2, 4, 3, 5).reshape(e, n, g * g, p * p)
 
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
-        )
-        self.head = nn.Linear(2 * width * 16, NUM_CLASSES)
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """(E, N, L, p^2) -> (E, N, 1, S, S)."""
+        e, n = tokens.shape[:2]
+        g, p = self.size // self.patch, self.patch
+        x = tokens.reshape(e, n, g, g, p, p).permute(0, 1, 2, 4, 3, 5)
+        return x.reshape(e, n, 1, self.size, self.size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).flatten(1))
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        e, n = x.shape[:2]
+        h = self._mm(self.patchify(x), self.embed) + self.pos.unsqueeze(1)
+        temb = torch.bmm(_time_features(t), self.time_w).view(e, n, 1, self.depth, self.width)
+        for k in range(self.depth):
+            h = h + temb[..., k, :]
+            u = F.layer_norm(h, (self.width,)).transpose(-1, -2)  # (E, N, C, L)
+            u = self._mm(F.gelu(self._mm(u, self.tok_in[k])), self.tok_out[k])
+            h = h + u.transpose(-1, -2)
+            u = F.layer_norm(h, (self.width,))
+            h = h + self._mm(F.gelu(self._mm(u, self.ch_in[k])), self.ch_out[k])
+        return self.unpatchify(self._mm(F.layer_norm(h, (self.width,)), self.head))
 
+    def member_state(self, index: int) -> dict[str, Tensor]:
+        """The weights of one member (for copying into another ensemble)."""
+        return {k: v[index].detach().clone() for k, v in self.state_dict().items()}
 
-class GoldClassifier(nn.Module):
-    """Independent judge: average-pools to the native 8x8 then an MLP ``-> (B, 10)``.
-
-    A different architecture, trained on the held-out split B with noise augmentation;
-    pooling to 8x8 makes it blind to the high-frequency patterns that fool the proxy.
-    """
-
-    def __init__(self, hidden: int = 128) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(NATIVE * NATIVE, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, NUM_CLASSES),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(F.adaptive_avg_pool2d(x.clamp(-1, 1), NATIVE))
+    @classmethod
+    def from_members(
+        cls, states: list[dict[str, Tensor]], size: int, patch: int, width: int, depth: int
+    ) -> EnsembleMixer:
+        """An ensemble whose member i starts from ``states[i]``."""
+        net = cls(len(states), size, patch, width, depth)
+        net.load_state_dict({k: torch.stack([s[k] for s in states]) for k in states[0]})
+        return net

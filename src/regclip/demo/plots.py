@@ -1,16 +1,15 @@
-"""Figures from ``overopt.json`` and ``samples.npz`` (matplotlib; local only).
+"""Figures from ``frontier.json`` and ``samples.pt`` (matplotlib, the ``demo`` extra).
 
 ``python -m regclip.demo.plots FOLDER`` writes into FOLDER:
 
-* ``gold_vs_proxy.png`` -- the headline: each gold metric against the proxy reward, per
-  method, mean and min-max band over seeds (interpolated on a common proxy grid);
-* ``curves_vs_steps.png`` -- proxy and gold metrics against GRPO iterations;
-* ``gold_vs_kl.png`` -- gold metrics and proxy against KL to the pretrained model;
-* ``ratio_by_timestep.png`` -- per-timestep ratio mean and std, vanilla ratio of the same
-  transitions (before normalization) and the method's own ratio (after);
-* ``clip_by_timestep.png`` -- clip engagement per timestep split by advantage sign;
-* ``left_shift_vs_dim.png`` -- (1 - mean ratio) / std ratio against D at fixed drift;
-* ``samples.png`` -- digits per method from fixed noise, at the start and at the end.
+* ``frontier.png``: gold against proxy gain per method and clip setting (mean over seeds),
+  one panel per kernel and number of passes: higher is better at every proxy gain;
+* ``speed.png``: left, iterations to reach each proxy gain; right, gold at the middle gain
+  against iterations to reach it, one point per run (speed and method side by side);
+* ``hacking.png``: proxy, gold and hack (background brightness) against iterations for the
+  vanilla runs at their calibrated clip range, one line per seed;
+* ``clip_by_step.png``: clip fraction per sampling step (second pass) per method;
+* ``samples.png``: seed-0 samples per method at the start and at the end.
 """
 
 from __future__ import annotations
@@ -25,216 +24,174 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
+import torch
 
-from .analysis import value_at_level
+from .analysis import at_gain, gain_levels
 
 __all__ = ["write_plots"]
 
-GOLD = (
-    ("gold_acc", "gold accuracy (independent classifier) ↑"),
-    ("nn_dist", "distance to nearest real digit ↓"),
-    ("diversity", "within-class diversity ↑"),
-    ("kl", "KL to pretrained (per dim, summed over steps) ↓"),
-)
-
-
-def _by_seed(entry: dict[str, Any]) -> list[list[dict[str, float]]]:
-    runs: dict[int, list[dict[str, float]]] = defaultdict(list)
-    for row in entry["eval"]:
-        runs[row["seed"]].append(row)
-    return [sorted(rows, key=lambda r: r["step"]) for rows in runs.values()]
+STYLES = {0.25: ":", 1.0: "-", 4.0: "--", None: "-."}
 
 
 def _colors(names: list[str]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    cmap = plt.get_cmap("tab10")
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
-def _against(
-    ax: Any, methods: dict[str, Any], axis: str, metric: str, colors: dict[str, Any]
-) -> None:
-    """Metric against ``axis`` per method: mean and min-max over seeds on a common grid."""
-    for name, entry in methods.items():
-        runs = _by_seed(entry)
-        lo = max(min(r[axis] for r in run) for run in runs)
-        hi = min(max(r[axis] for r in run) for run in runs)
-        if hi <= lo:
-            continue
-        grid = np.linspace(lo, hi, 25)
-        values = np.array(
-            [[value_at_level(run, axis, x, metric) for x in grid] for run in runs], dtype=float
-        )
-        mean = np.nanmean(values, axis=0)
-        ax.plot(grid, mean, color=colors[name], label=name)
-        if len(runs) > 1:
-            ax.fill_between(
-                grid, np.nanmin(values, 0), np.nanmax(values, 0), color=colors[name], alpha=0.15
-            )
+def _label(scale: float | None) -> str:
+    return "no clip" if scale is None else f"clip x{scale:g}"
 
 
-def _gold_vs(summary: dict[str, Any], axis: str, path: Path) -> None:
-    methods = summary["methods"]
-    colors = _colors(list(methods))
-    panels = [(m, t) for m, t in (*GOLD, ("proxy", "proxy reward ↑")) if m != axis]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for ax, (metric, title) in zip(axes, panels, strict=True):
-        _against(ax, methods, axis, metric, colors)
-        ax.set_xlabel("proxy reward (logit margin)" if axis == "proxy" else "KL to pretrained")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(
-        f"{summary['device']}: gold metrics against {axis} (mean, band = seed range)", fontsize=10
-    )
+def _mean_curve(runs: list[dict[str, Any]], grid: list[float]) -> tuple[list[float], list[float]]:
+    """Mean gold over runs at each gain of ``grid`` that every run reaches."""
+    xs, ys = [], []
+    for level in grid:
+        hits = [at_gain(r["curve"], level) for r in runs]
+        if all(h is not None for h in hits):
+            xs.append(level)
+            ys.append(sum(h["gold"] - r["curve"][0]["gold"] for h, r in zip(hits, runs, strict=True)) / len(hits))  # type: ignore[index]
+    return xs, ys
+
+
+def _frontier(runs: list[dict[str, Any]], path: Path) -> None:
+    panels = sorted({(r["sde"], r["passes"]) for r in runs})
+    methods = sorted({r["method"] for r in runs})
+    colors = _colors(methods)
+    top = max(r["curve"][-1]["proxy"] - r["curve"][0]["proxy"] for r in runs)
+    grid = [top * i / 40 for i in range(1, 41)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (sde, passes) in zip(axes[0], panels, strict=True):
+        groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+        for r in runs:
+            if (r["sde"], r["passes"]) == (sde, passes):
+                groups[(r["method"], r["clip_scale"])].append(r)
+        for (method, scale), group in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            xs, ys = _mean_curve(group, grid)
+            if xs:
+                ax.plot(xs, ys, STYLES.get(scale, "-"), color=colors[method], label=f"{method} {_label(scale)}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("proxy gain (rater's contrast, minus its value at the start)")
+        ax.set_ylabel("gold change from the start (contrast - residual)")
+        ax.set_title(f"{sde}-SDE, {passes} pass(es) per rollout")
+    axes[0][-1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def _curves_vs_steps(summary: dict[str, Any], path: Path) -> None:
-    methods = summary["methods"]
-    colors = _colors(list(methods))
-    panels = (("proxy", "proxy reward ↑"), *GOLD)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for ax, (metric, title) in zip(axes, panels, strict=True):
-        for name, entry in methods.items():
-            runs = _by_seed(entry)
-            steps = [r["step"] for r in runs[0]]
-            n = min(len(run) for run in runs)
-            values = np.array([[r[metric] for r in run[:n]] for run in runs])
-            ax.plot(steps[:n], values.mean(0), color=colors[name], label=name)
-            if len(runs) > 1:
-                ax.fill_between(
-                    steps[:n], values.min(0), values.max(0), color=colors[name], alpha=0.15
-                )
+def _speed(runs: list[dict[str, Any]], path: Path) -> None:
+    methods = sorted({r["method"] for r in runs})
+    colors = _colors(methods)
+    levels = gain_levels(runs, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8))
+    middle = gain_levels(runs)[1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        for scale in sorted({r["clip_scale"] for r in mine}, key=str):
+            group = [r for r in mine if r["clip_scale"] == scale]
+            xs, ys = [], []
+            for level in levels:
+                hits = [at_gain(r["curve"], level) for r in group]
+                if all(h is not None for h in hits):
+                    xs.append(level)
+                    ys.append(sum(h["iteration"] for h in hits) / len(hits))  # type: ignore[index]
+            if xs:
+                left.plot(xs, ys, STYLES.get(scale, "-"), color=colors[method], label=f"{method} {_label(scale)}")
+        pts = [(h["iteration"], h["gold"] - r["curve"][0]["gold"]) for r in mine if (h := at_gain(r["curve"], middle))]
+        if pts:
+            right.scatter(*zip(*pts, strict=True), s=12, color=colors[method], label=method)
+    left.set_xlabel("proxy gain")
+    left.set_ylabel("iterations to reach it (mean over seeds)")
+    left.legend(fontsize=6, ncol=2)
+    right.set_xscale("log")
+    right.set_xlabel(f"iterations to reach proxy gain {middle:.3g} (log)")
+    right.set_ylabel("gold change at that gain")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _hacking(runs: list[dict[str, Any]], path: Path) -> None:
+    vanilla = [r for r in runs if r["method"] in ("flow_grpo", "flow_grpo_dance") and r["clip_scale"] == 1.0]
+    if not vanilla:
+        return
+    keys = (("proxy", "proxy (rater)"), ("gold", "gold (exact fit)"), ("hack", "hack: background brightness"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        for r in vanilla:
+            ax.plot([c["iteration"] for c in r["curve"]], [c[key] for c in r["curve"]], lw=1,
+                    label=f"{r['method']} seed {r['seed']}, {r['passes']} passes")
         ax.set_xlabel("GRPO iteration")
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("vanilla at its calibrated clip range: the proxy rises, the gold falls")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def _ratio_by_timestep(summary: dict[str, Any], path: Path) -> None:
-    methods = summary["methods"]
-    colors = _colors(list(methods))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    for name, entry in methods.items():
-        tab = entry["ratio_by_timestep"]
-        steps = np.arange(len(tab["mean"]))
-        axes[0, 0].plot(steps, 1 - np.array(tab["raw_mean"]), color=colors[name], label=name)
-        axes[1, 0].semilogy(steps, tab["raw_std"], color=colors[name])
-        axes[0, 1].plot(steps, 1 - np.array(tab["mean"]), color=colors[name])
-        axes[1, 1].semilogy(steps, tab["std"], color=colors[name])
-    axes[0, 0].set_title("before normalization (vanilla ratio): 1 - mean", fontsize=9)
-    axes[1, 0].set_title("before normalization: std", fontsize=9)
-    axes[0, 1].set_title("after (the method's own ratio): 1 - mean", fontsize=9)
-    axes[1, 1].set_title("after: std", fontsize=9)
-    for ax in axes[:, 0].tolist() + axes[:, 1].tolist():
-        ax.axhline(0, color="grey", lw=0.5)
-    for ax in axes[1]:
-        ax.set_xlabel("sampling step (0 = noise)")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(
-        "per-timestep importance ratio, optimizer passes >= 2 of each rollout", fontsize=10
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _clip_by_timestep(summary: dict[str, Any], path: Path) -> None:
-    methods = summary["methods"]
-    cols = min(4, len(methods))
-    rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False, sharey=True
-    )
-    for ax, (name, entry) in zip(axes.flat, methods.items(), strict=False):
-        tab = entry["clip_by_timestep"]
-        steps = np.arange(len(tab["frac"]))
-        ax.plot(steps, tab["pos_high"], "g-", label="A>0: ratio > 1+eps (clipped)")
-        ax.plot(steps, tab["pos_low"], "g:", label="A>0: ratio < 1-eps (not clipped)")
-        ax.plot(steps, tab["neg_low"], "r-", label="A<0: ratio < 1-eps (clipped)")
-        ax.plot(steps, tab["neg_high"], "r:", label="A<0: ratio > 1+eps (not clipped)")
-        ax.set_title(f"{name} (eps {entry['clip_range']:.1e})", fontsize=8)
-        ax.set_xlabel("sampling step")
-    for ax in list(axes.flat)[len(methods) :]:
-        ax.axis("off")
-    axes[0, 0].legend(fontsize=6)
-    fig.suptitle("clip engagement per timestep by advantage sign (passes >= 2)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _left_shift(summary: dict[str, Any], path: Path) -> None:
-    data = summary["left_shift_vs_dim"]
-    dims = np.array(data["dims"], dtype=float)
-    measured, predicted = np.array(data["measured"]), np.array(data["predicted"])
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    ax.loglog(dims, measured.mean(1), "o-", label="measured, mean over steps")
-    ax.loglog(dims, predicted.mean(1), "k--", label="theory sqrt(mean Δ²) sqrt(D) / (2 s)")
-    for k in (0, measured.shape[1] - 1):
-        ax.loglog(dims, measured[:, k], ".", alpha=0.6, label=f"measured, step {k}")
-    ax.set_xlabel("latent dimension D")
-    ax.set_ylabel("(1 - mean ratio) / std ratio")
-    ax.set_title(
-        f"left shift at fixed drift {data['drift']}: slope "
-        f"{data['fitted_exponent']:.2f} (sqrt law 0.5)",
-        fontsize=9,
-    )
+def _clip_by_step(runs: list[dict[str, Any]], path: Path) -> None:
+    methods = sorted({r["method"] for r in runs})
+    colors = _colors(methods)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in methods:
+        group = [
+            r["clip_by_step"]
+            for r in runs
+            if r["method"] == method
+            and r["clip_by_step"]
+            and (r["clip_scale"] == 1.0 or "final_ranges" in r)
+        ]
+        if group:
+            mean = torch.tensor(group).mean(0).tolist()
+            ax.plot(range(len(mean)), mean, "o-", color=colors[method], label=method, ms=3)
+    ax.set_xlabel("sampling step (0 = noisiest)")
+    ax.set_ylabel("fraction of samples clipped (pass 2)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def _samples(folder: Path, path: Path) -> None:
-    arrays = np.load(folder / "samples.npz")
-    names = sorted({key.split("/")[0] for key in arrays.files})
-    fig, axes = plt.subplots(len(names), 2, figsize=(10, 1.3 * len(names) + 0.5), squeeze=False)
-    for row, name in enumerate(names):
-        for col, stage in enumerate(("start", "end")):
-            images = arrays[f"{name}/{stage}"][:, 0]
-            per_class = len(images) // 10
-            grid = np.concatenate(
-                [
-                    np.concatenate(list(images[c * per_class : (c + 1) * per_class]), axis=0)
-                    for c in range(10)
-                ],
-                axis=1,
-            )
-            axes[row, col].imshow(grid, cmap="gray", vmin=0, vmax=255)
-            axes[row, col].set_xticks([])
-            axes[row, col].set_yticks([])
-            axes[row, col].set_title(f"{name}: {stage}", fontsize=8)
+def _samples(samples: dict[str, torch.Tensor], path: Path) -> None:
+    keys = sorted({k.rsplit("|", 1)[0] for k in samples if k.endswith("|end")})
+    keys = [k for k in keys if k.split("|")[1] in ("1.0", "None")][:8]
+    if not keys:
+        return
+    n = min(6, samples[f"{keys[0]}|end"].shape[0])
+    fig, axes = plt.subplots(len(keys) + 1, n, figsize=(1.4 * n, 1.5 * (len(keys) + 1)), squeeze=False)
+    rows = [("pretrained (start)", samples[f"{keys[0]}|start"])] + [
+        (f"{k.split('|')[0]} {_label(None if k.split('|')[1] == 'None' else float(k.split('|')[1]))}", samples[f"{k}|end"])
+        for k in keys
+    ]
+    for row, (title, images) in zip(axes, rows, strict=True):
+        for j, ax in enumerate(row):
+            ax.imshow(images[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle("seed 0, fixed noise: start (top) and end of training per method", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
 def write_plots(folder: Path) -> list[Path]:
-    """Draw every figure for the results in ``folder``; returns the files written."""
-    summary = json.loads((folder / "overopt.json").read_text())
+    """Every figure above from ``folder/frontier.json`` (and ``samples.pt`` if present)."""
+    runs = json.loads((folder / "frontier.json").read_text())["runs"]
     written = []
-    jobs = [
-        ("gold_vs_proxy.png", lambda p: _gold_vs(summary, "proxy", p)),
-        ("gold_vs_kl.png", lambda p: _gold_vs(summary, "kl", p)),
-        ("curves_vs_steps.png", lambda p: _curves_vs_steps(summary, p)),
-        ("ratio_by_timestep.png", lambda p: _ratio_by_timestep(summary, p)),
-        ("clip_by_timestep.png", lambda p: _clip_by_timestep(summary, p)),
-    ]
-    if "left_shift_vs_dim" in summary:
-        jobs.append(("left_shift_vs_dim.png", lambda p: _left_shift(summary, p)))
-    if (folder / "samples.npz").is_file():
-        jobs.append(("samples.png", lambda p: _samples(folder, p)))
-    for name, draw in jobs:
-        draw(folder / name)
-        written.append(folder / name)
+    for name, draw in (("frontier.png", _frontier), ("speed.png", _speed),
+                       ("hacking.png", _hacking), ("clip_by_step.png", _clip_by_step)):
+        draw(runs, folder / name)
+        if (folder / name).exists():
+            written.append(folder / name)
+    if (folder / "samples.pt").exists():
+        _samples(torch.load(folder / "samples.pt", weights_only=True), folder / "samples.png")
+        written.append(folder / "samples.png")
     return written
 
 
 if __name__ == "__main__":
-    for written_path in write_plots(Path(sys.argv[1])):
-        print(written_path)
+    for p in write_plots(Path(sys.argv[1])):
+        print(f"wrote {p}")

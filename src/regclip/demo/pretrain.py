@@ -1,126 +1,117 @@
-"""Pretraining of the generator and the two classifiers, cached under ``.cache/regclip/``.
+"""Rectified-flow pretraining of the disc-world generator, one member per pretraining seed.
 
-Generator: rectified flow, ``x_t = (1 - t) x0 + t eps`` with ``t ~ U(0, 1)``, trained to
-predict ``v = eps - x0`` with the mean squared error. Kept deliberately short so the base
-model is imperfect and the gold metrics have headroom. Classifiers: cross-entropy, the
-proxy on split A (clean images), the gold judge on split B with Gaussian noise added.
+``x_t = (1 - t) x0 + t eps`` with ``t ~ U(0, 1)``, trained to predict ``v = eps - x0`` with
+the mean squared error (Adam, cosine-decayed learning rate). Each pretraining seed seeds its
+member's initial weights and its stream of world images and noise, so a member does not
+depend on which other seeds are trained beside it.
+
+Checkpoints are cached by a key of every field that determines them, in ``REGCLIP_CACHE``
+(default: the platform's user cache folder), and identified by the SHA-256 of their weights,
+which every result file records.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from .config import DemoConfig
-from .data import Digits
-from .nets import GoldClassifier, ProxyClassifier, VelocityNet
+from .nets import EnsembleMixer
+from .world import DiscWorld, to_model
 
-__all__ = ["Pretrained", "load_or_pretrain"]
+__all__ = ["Pretrained", "cache_dir", "load_or_pretrain", "weights_hash"]
 
-CACHE_DIR = Path(".cache") / "regclip"
+
+def cache_dir() -> Path:
+    """``$REGCLIP_CACHE``, else ``$XDG_CACHE_HOME/regclip`` (``~/.cache/regclip``), or
+    ``%LOCALAPPDATA%\\regclip`` on Windows."""
+    if env := os.environ.get("REGCLIP_CACHE"):
+        return Path(env)
+    if sys.platform == "win32" and (local := os.environ.get("LOCALAPPDATA")):
+        return Path(local) / "regclip"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "regclip"
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """First 16 hex digits of the SHA-256 of the weights (names, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
 class Pretrained:
-    generator: VelocityNet
-    proxy: ProxyClassifier
-    gold: GoldClassifier
+    """Pretrained members, one per pretraining seed."""
+
+    states: dict[int, dict[str, torch.Tensor]]
+    """pretraining seed -> member weights (CPU)."""
+    hashes: dict[int, str]
+    """pretraining seed -> :func:`weights_hash` of its weights."""
     seconds: float
-    """Time spent pretraining (0 when loaded from the cache)."""
+    """Time spent pretraining (0 when every member came from the cache)."""
 
 
-def _batches(n: int, batch: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
-    return [torch.randint(0, n, (batch,), generator=generator) for _ in range(steps)]
-
-
-def train_generator(cfg: DemoConfig, digits: Digits, device: torch.device) -> VelocityNet:
-    """Rectified-flow pretraining on all digits (Adam, cosine-decayed lr)."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    net = VelocityNet(cfg.width, cfg.patch).to(device)
+def _train(cfg: DemoConfig, seeds: list[int], device: torch.device, log: Callable[[str], None]) -> EnsembleMixer:
+    members = [
+        EnsembleMixer(1, cfg.size, cfg.patch, cfg.width, cfg.depth, torch.Generator().manual_seed(s))
+        for s in seeds
+    ]
+    net = EnsembleMixer.from_members(
+        [m.member_state(0) for m in members], cfg.size, cfg.patch, cfg.width, cfg.depth
+    ).to(device)
+    world = DiscWorld(cfg.size)
+    gens = [torch.Generator(device).manual_seed(1_000_003 * s + 17) for s in seeds]
     opt = torch.optim.Adam(net.parameters(), lr=cfg.pretrain_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.pretrain_steps)
-    images, labels = digits.images.to(device), digits.labels.to(device)
-    for idx in _batches(len(labels), cfg.pretrain_batch, cfg.pretrain_steps, gen):
-        x0, y = images[idx.to(device)], labels[idx.to(device)]
-        t = torch.rand(len(y), generator=gen).to(device)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-        loss = F.mse_loss(net(x_t, t, y), eps - x0)
+    shape = (cfg.pretrain_batch, 1, cfg.size, cfg.size)
+    for step in range(cfg.pretrain_steps):
+        x0 = torch.stack([to_model(world.sample(cfg.pretrain_batch, g)) for g in gens])
+        t = torch.stack([torch.rand(cfg.pretrain_batch, generator=g, device=device) for g in gens])
+        eps = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+        tt = t.view(*t.shape, 1, 1, 1)
+        loss = F.mse_loss(net((1 - tt) * x0 + tt * eps, t), eps - x0) * len(seeds)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return net.eval()
+        if (step + 1) % max(1, cfg.pretrain_steps // 5) == 0:
+            log(f"pretraining step {step + 1}/{cfg.pretrain_steps}: loss {loss.item() / len(seeds):.4f}")
+    return net
 
 
-Net = TypeVar("Net", bound=nn.Module)
-
-
-def train_classifier(
-    net: Net,
-    digits: Digits,
-    use_split_b: bool,
-    noise: float,
-    steps: int,
+def load_or_pretrain(
+    cfg: DemoConfig,
+    seeds: list[int],
     device: torch.device,
-) -> Net:
-    """Cross-entropy on one split; ``noise`` is the std of additive Gaussian augmentation."""
-    gen = torch.Generator().manual_seed(1 + int(use_split_b))
-    mask = digits.split if use_split_b else ~digits.split
-    images, labels = digits.images[mask].to(device), digits.labels[mask].to(device)
-    net = net.to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for idx in _batches(len(labels), 128, steps, gen):
-        x = images[idx.to(device)]
-        if noise > 0:
-            x = x + noise * torch.randn(x.shape, generator=gen).to(device)
-        loss = F.cross_entropy(net(x), labels[idx.to(device)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
-def load_or_pretrain(cfg: DemoConfig, digits: Digits, device: torch.device) -> Pretrained:
-    """Load the three networks from the cache keyed by :meth:`DemoConfig.pretrain_key`,
-    or train them and write the cache (``.cache/`` is git-ignored)."""
-    path = CACHE_DIR / f"demo-{cfg.pretrain_key()}.pt"
-    generator, proxy, gold = VelocityNet(cfg.width, cfg.patch), ProxyClassifier(), GoldClassifier()
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        generator.load_state_dict(state["generator"])
-        proxy.load_state_dict(state["proxy"])
-        gold.load_state_dict(state["gold"])
-        return Pretrained(
-            _frozen(generator, device), _frozen(proxy, device), _frozen(gold, device), 0.0
-        )
+    log: Callable[[str], None] = print,
+) -> Pretrained:
+    """The members for ``seeds``: from the cache where present, else trained (and cached)."""
+    folder = cache_dir() / "pretrain"
+    paths = {s: folder / f"{cfg.pretrain_key()}-seed{s}.pt" for s in seeds}
+    missing = [s for s in seeds if not paths[s].exists()]
     start = time.perf_counter()
-    torch.manual_seed(0)
-    generator = train_generator(cfg, digits, device)
-    proxy = train_classifier(proxy, digits, False, 0.0, cfg.classifier_steps, device)
-    gold = train_classifier(gold, digits, True, 0.3, cfg.classifier_steps, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "generator": generator.state_dict(),
-            "proxy": proxy.state_dict(),
-            "gold": gold.state_dict(),
-        },
-        path,
-    )
-    seconds = time.perf_counter() - start
-    return Pretrained(
-        _frozen(generator, device), _frozen(proxy, device), _frozen(gold, device), seconds
-    )
-
-
-def _frozen(net: Net, device: torch.device) -> Net:
-    """The network on ``device`` in eval mode without gradients (fine-tuning copies it)."""
-    return net.to(device).eval().requires_grad_(False)
+    if missing:
+        log(f"pretraining {len(missing)} generator(s) (D = {cfg.size**2}); cached afterwards")
+        net = _train(cfg, missing, device, log)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(missing):
+            buffer = io.BytesIO()
+            torch.save({k: v.cpu() for k, v in net.member_state(i).items()}, buffer)
+            tmp = paths[s].with_suffix(".tmp")
+            tmp.write_bytes(buffer.getvalue())
+            tmp.replace(paths[s])
+    states = {s: torch.load(paths[s], map_location="cpu", weights_only=True) for s in seeds}
+    hashes = {s: weights_hash(states[s]) for s in seeds}
+    return Pretrained(states, hashes, time.perf_counter() - start if missing else 0.0)

@@ -1,10 +1,10 @@
-r"""Sampling: time schedules, SDE rollouts through a regclip kernel, ODE evaluation.
+r"""Sampling for an ensemble: time schedules, SDE rollouts through a regclip kernel, ODE samples.
 
 Schedules run from ``t = 1`` (noise) to ``t = 0`` (data) in ``T`` steps. The SD3-style
-shifted schedule is ``t = shift * u / (1 + (shift - 1) u)`` on a uniform grid ``u``; with
-``shift = 1`` it is the uniform schedule. A rollout records, for every step, the state
-``x_t``, the rollout policy's proposal mean and the draw ``x_{t+dt}``: everything
-``GuardedPPOLoss`` needs to score the same transitions under the updated policy.
+shifted schedule is ``t = shift * u / (1 + (shift - 1) u)`` on a uniform grid ``u``. A
+rollout records, for every member and step, the state ``x_t``, the draw ``x_{t+dt}`` and the
+standard normal noise of the draw: with the rollout policy's mean re-scored in the training
+pass's layout (:func:`score`), that is everything ``GuardedPPOLoss`` needs.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from ..kernels import TransitionKernel
-from .nets import VelocityNet
+from .nets import EnsembleMixer
 
-__all__ = ["Rollout", "ode_sample", "sde_rollout", "time_schedule"]
+__all__ = ["Rollout", "ode_sample", "score", "sde_rollout", "time_schedule"]
 
 
 def time_schedule(num_steps: int, shift: float = 1.0) -> Tensor:
@@ -28,70 +28,89 @@ def time_schedule(num_steps: int, shift: float = 1.0) -> Tensor:
 
 @dataclass(frozen=True)
 class Rollout:
-    """T transitions of a batch of B samples, flattened step-major to (T * B, ...)."""
+    """T transitions of B samples per member, flattened step-major to (E, T * B, ...)."""
 
     states: Tensor
-    """(T*B, 1, H, W) x_t at the start of each step."""
+    """(E, T*B, 1, S, S) x_t at the start of each step."""
     next_states: Tensor
-    """(T*B, 1, H, W) the rollout draw x_{t+dt}."""
-    old_means: Tensor
-    """(T*B, 1, H, W) the rollout policy's proposal mean."""
+    """(E, T*B, 1, S, S) the rollout draw x_{t+dt}."""
     t: Tensor
-    """(T*B,) step start times."""
+    """(T*B,) step start times (shared by the members)."""
     dt: Tensor
     """(T*B,) step sizes (negative)."""
     step_index: Tensor
     """(T*B,) 0..T-1."""
-    labels: Tensor
-    """(T*B,) class of each transition's sample."""
     final: Tensor
-    """(B, 1, H, W) the generated images x_0."""
+    """(E, B, 1, S, S) the generated samples x_0."""
 
 
 @torch.no_grad()
 def sde_rollout(
-    net: VelocityNet,
+    net: EnsembleMixer,
     kernel: TransitionKernel,
     times: Tensor,
-    labels: Tensor,
-    shape: tuple[int, ...],
-    generator: torch.Generator,
+    batch: int,
+    generators: list[torch.Generator],
 ) -> Rollout:
-    """Sample ``x_1 ~ N(0, I)`` and step through ``kernel`` on ``times``; records everything."""
-    device = labels.device
-    x = torch.randn((len(labels), *shape), generator=generator, device=device)
-    records: dict[str, list[Tensor]] = {k: [] for k in ("states", "next", "means", "t", "dt")}
+    """``batch`` samples per member from ``x_1 ~ N(0, I)`` through ``kernel`` on ``times``;
+    member ``e`` draws all its noise from ``generators[e]``."""
+    device = next(net.parameters()).device
+    members, size = net.members, net.size
+    shape = (batch, 1, size, size)
+
+    def normal() -> Tensor:
+        return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+
+    x = normal()
+    states, nexts, ts, dts = [], [], [], []
     for k in range(len(times) - 1):
-        t = times[k].to(device).expand(len(labels))
-        dt = (times[k + 1] - times[k]).to(device).expand(len(labels))
-        out = kernel.step(x, net(x, t, labels), t, dt, generator=generator)
-        for key, value in zip(records, (x, out.next_sample, out.mean, t, dt), strict=True):
-            records[key].append(value)
-        x = out.next_sample
+        t = times[k].to(device).expand(batch)
+        dt = (times[k + 1] - times[k]).to(device).expand(batch)
+        velocity = net(x, t.expand(members, batch))
+        flat = (members * batch, 1, size, size)
+        mean, std = kernel.evaluate(
+            x.reshape(flat), velocity.reshape(flat), t.repeat(members), dt.repeat(members)
+        )
+        x_next = (mean + std.view(-1, 1, 1, 1) * normal().reshape(flat)).view_as(x)
+        states.append(x)
+        nexts.append(x_next)
+        ts.append(t)
+        dts.append(dt)
+        x = x_next
     steps = len(times) - 1
     return Rollout(
-        states=torch.cat(records["states"]),
-        next_states=torch.cat(records["next"]),
-        old_means=torch.cat(records["means"]),
-        t=torch.cat(records["t"]),
-        dt=torch.cat(records["dt"]),
-        step_index=torch.arange(steps, device=device).repeat_interleave(len(labels)),
-        labels=labels.repeat(steps),
+        states=torch.cat(states, dim=1),
+        next_states=torch.cat(nexts, dim=1),
+        t=torch.cat(ts),
+        dt=torch.cat(dts),
+        step_index=torch.arange(steps, device=device).repeat_interleave(batch),
         final=x,
     )
 
 
-@torch.no_grad()
-def ode_sample(
-    net: VelocityNet, times: Tensor, labels: Tensor, noise: Tensor
-) -> tuple[Tensor, list[Tensor]]:
-    """Deterministic Euler sampling ``x <- x + v dt`` from fixed ``noise`` (B, 1, H, W).
+def score(
+    net: EnsembleMixer, kernel: TransitionKernel, roll: Rollout
+) -> tuple[Tensor, Tensor]:
+    """Every rollout transition under ``net``: means (E, T*B, 1, S, S) and stds (T*B,).
 
-    Returns the images (B, 1, H, W) and the T states visited (for drift/KL evaluation).
+    Runs in one layout for the rollout's re-scoring and every training pass, so the first
+    pass's ratio is exactly 1.
     """
-    x, states = noise, []
+    members, n = roll.states.shape[:2]
+    velocity = net(roll.states, roll.t.expand(members, n))
+    flat = (members * n, *roll.states.shape[2:])
+    mean, std = kernel.evaluate(
+        roll.states.reshape(flat), velocity.reshape(flat), roll.t.repeat(members), roll.dt.repeat(members)
+    )
+    return mean.view_as(roll.states), std[:n]
+
+
+@torch.no_grad()
+def ode_sample(net: EnsembleMixer, times: Tensor, noise: Tensor) -> Tensor:
+    """Euler sampling ``x <- x + v dt`` of every member from the same noise (M, 1, S, S);
+    returns (E, M, 1, S, S)."""
+    x = noise.expand(net.members, *noise.shape).contiguous()
     for k in range(len(times) - 1):
-        states.append(x)
-        t = times[k].to(x.device).expand(len(labels))
-        x = x + net(x, t, labels) * float(times[k + 1] - times[k])
-    return x, states
+        t = times[k].to(x.device).expand(x.shape[:2])
+        x = x + net(x, t) * float(times[k + 1] - times[k])
+    return x
