@@ -250,3 +250,43 @@ def test_ranks_with_different_data_keep_identical_ranges():
         clip.step()
     torch.testing.assert_close(r0, clip.ranges, rtol=1e-14, atol=0)
     assert not torch.equal(r0, torch.full_like(r0, 1e-4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["adaptive_guard", "kl_mask"])
+def test_forward_backward_and_step_never_synchronise_on_cuda(preset):
+    """With validation off, a loss call, its backward, the controller update and the
+    metric tensors run without a host synchronisation (CUDA sync debug mode 'error')."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, shape = 64, (4, 8, 8)
+    t = TIMES[torch.arange(b) % 4].clone().cuda()
+    t[t == 1.0] = 0.95
+    old = torch.randn(b, *shape, generator=gen, device="cuda", dtype=torch.float64)
+    mean = (old + 1e-3 * torch.randn_like(old)).requires_grad_()
+    inputs = {
+        "advantages": torch.randn(b, generator=gen, device="cuda", dtype=torch.float64),
+        "mean": mean,
+        "old_mean": old,
+        "next_sample": old + 0.1 * torch.randn_like(old),
+        "std": torch.full((b,), 0.1, device="cuda", dtype=torch.float64),
+        "dt": torch.full((b,), -0.1, device="cuda", dtype=torch.float64),
+        "t": t,
+    }
+    extra = {"times": TIMES} if preset == "adaptive_guard" else {"bound": 1e-5}
+    loss = presets.from_name(preset, **extra)
+    loss.validate = False
+    loss(**inputs)  # first call: the controller's buffers follow the inputs to the GPU
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = loss(**inputs)
+        out.loss.backward()
+        if isinstance(loss.surrogate, AdaptiveClip):
+            loss.surrogate.step()
+            loss.surrogate.metrics()
+        _ = out.metric_tensors
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if isinstance(loss.surrogate, AdaptiveClip):
+        assert loss.surrogate.ranges.is_cuda and bool((loss.surrogate.ranges > 0).all())
+    assert mean.grad is not None and bool(torch.isfinite(mean.grad).all())

@@ -88,7 +88,8 @@ class AdaptiveClip(ClippedSurrogate):
     ``counts``/``hits`` (T,) the accumulators since the last :meth:`step`,
     ``observed`` (T,) the fraction seen at the last :meth:`step` (NaN where nothing was
     counted), ``frozen`` (bool) and ``num_steps`` (int). The loss call needs ``t``.
-    In ``eval()`` mode nothing is accumulated.
+    In ``eval()`` mode nothing is accumulated. The buffers move to the inputs' device on
+    the first call (or with ``.to()``); under NCCL call :meth:`step` after a forward.
     """
 
     needs_batch = True
@@ -164,6 +165,8 @@ class AdaptiveClip(ClippedSurrogate):
             raise ValueError(
                 "AdaptiveClip needs each sample's step time: pass `t` (B,) in the loss call"
             )
+        if self.ranges.device != log_ratio.device:  # a loss is rarely .to()'d: follow inputs
+            self.to(log_ratio.device)
         index = self.step_index(batch.t)
         eps = self.ranges[index]
         # 1 -/+ eps in float64, then cast: the same rounding as PPOClip's Python floats
