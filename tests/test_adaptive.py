@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regclip import AdaptiveClip, GuardedPPOLoss, PPOClip, RatioNorm, TransitionBatch, presets
@@ -36,23 +36,26 @@ def _feed(clip: AdaptiveClip, gen: torch.Generator, scales: torch.Tensor, per_st
     clip(log_ratio, adv, batch=_batch(t))
 
 
-@given(seed=seeds, target=st.floats(0.05, 0.4), statistic=st.sampled_from(["out_of_range"]))
-def test_controller_converges_to_its_target_on_a_stationary_stream(seed, target, statistic):
-    """Per-step log-ratio scales spanning 4 decades, init far off: after 300 updates the
-    fraction outside each step's range, measured on fresh draws, is the target."""
+@settings(max_examples=10)
+@given(seed=seeds, target=st.floats(0.08, 0.4))
+def test_controller_converges_to_its_target_on_a_stationary_stream(seed, target):
+    """Per-step log-ratio scales spanning 4 decades, init far off: after 150 updates the
+    fraction outside each step's range (geometric mean of the last 50), measured on fresh
+    draws, is the target."""
     gen = torch.Generator().manual_seed(seed)
     scales = torch.tensor([3e-7, 1e-5, 4e-4, 1e-2], dtype=torch.float64)
-    clip = AdaptiveClip(TIMES, target=target, init=1e-4, statistic=statistic)
-    for _ in range(300):
-        _feed(clip, gen, scales, per_step=1024)
+    clip = AdaptiveClip(TIMES, target=target, init=1e-4)
+    log_ranges = []
+    for i in range(150):
+        _feed(clip, gen, scales, per_step=512)
         clip.step()
+        if i >= 100:
+            log_ranges.append(clip.ranges.log())
+    eps_k = torch.stack(log_ranges).mean(dim=0).exp()
     log_ratio, _, t = _stream(gen, scales, per_step=20000)
-    eps = clip.ranges[clip.step_index(t)]
+    eps = eps_k[clip.step_index(t)]
     outside = ((torch.exp(log_ratio) - 1).abs() > eps).double().view(4, -1).mean(dim=1)
-    assert torch.allclose(outside, torch.full_like(outside, target), atol=0.03), (
-        outside,
-        clip.ranges,
-    )
+    assert torch.allclose(outside, torch.full_like(outside, target), atol=0.02), (outside, eps_k)
 
 
 def test_clipped_statistic_targets_the_zeroed_gradient_fraction():
