@@ -140,3 +140,24 @@ def test_missing_means_are_named_and_bound_is_checked():
     with pytest.raises(ValueError, match="normalizer"):
         presets.kl_mask(normalizer="other")  # type: ignore[arg-type]
     assert isinstance(presets.from_name("kl_mask", bound=1e-4).surrogate, KLMask)
+
+
+@given(seed=seeds, drift=st.floats(1e-3, 0.2), dims=st.sampled_from([16, 256, 4096]))
+def test_vanilla_log_ratio_is_a_noisy_estimate_of_minus_the_kl(seed, drift, dims):
+    """Fixed means, rollout draws x = mu_old + s eps: the vanilla log-ratio has mean -KL_i
+    and std sqrt(2 KL_i / D), the noise Flow-DPPO's mask avoids."""
+    gen = torch.Generator().manual_seed(seed)
+    n, s = 4000, 0.3
+    old = torch.randn(1, dims, generator=gen, dtype=torch.float64).expand(n, dims)
+    mean = old + drift * s * torch.randn(1, dims, generator=gen, dtype=torch.float64)
+    x = old + s * torch.randn(n, dims, generator=gen, dtype=torch.float64)
+    std = torch.full((n,), s, dtype=torch.float64)
+    log_ratio = gaussian_log_prob(x, mean, std) - gaussian_log_prob(x, old, std)
+    kl = transition_kl(
+        TransitionBatch.build(
+            advantages=std, std=s, dt=-0.1, mean=mean, old_mean=old, next_sample=x
+        )
+    )[0]
+    sd = torch.sqrt(2 * kl / dims)
+    torch.testing.assert_close(log_ratio.mean(), -kl, rtol=0, atol=float(5 * sd / n**0.5))
+    torch.testing.assert_close(log_ratio.std(), sd, rtol=0.1, atol=0)
