@@ -130,7 +130,10 @@ def test_loss_is_invariant_to_permuting_the_batch(seed, name, preset):
     r = make_rollout(seed, batch=7, t=torch.linspace(0.3, 0.9, 7), dt=-0.1, drift=0.05)
     inputs = loss_inputs(kernel, r)
     kwargs = {"sde": name} if preset not in ("flow_grpo", "dance_grpo") else {}
-    loss_fn = presets.from_name(preset, clip_range=1e-3, **kwargs)
+    kwargs |= {"adaptive_guard": {"times": r.t}, "kl_mask": {"bound": 1e-4}}.get(preset, {})
+    if preset != "kl_mask":  # the KL mask has a divergence bound, not a clip range
+        kwargs["clip_range"] = 1e-3
+    loss_fn = presets.from_name(preset, **kwargs)
     out = loss_fn(**inputs)
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(seed))
     permuted = loss_fn(**{k: v[perm] for k, v in inputs.items()})

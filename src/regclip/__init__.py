@@ -9,6 +9,7 @@ Swap one loss::
 """
 
 from . import fused, presets, replay
+from .adaptive import AdaptiveClip
 from .advantages import group_advantages
 from .batch import LowPrecisionOldMeanWarning, TransitionBatch
 from .diagnostics import METRIC_NAMES, TimestepDiagnostics, calibrate_clip_range
@@ -32,12 +33,14 @@ from .reweight import (
     UniformWeight,
 )
 from .surrogate import AsymmetricClip, ClippedSurrogate, DualClip, NoClip, PPOClip, SurrogateOutput
+from .trust_region import KLMask, transition_kl
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CPS",
     "METRIC_NAMES",
+    "AdaptiveClip",
     "AsymmetricClip",
     "ClippedSurrogate",
     "CustomWeight",
@@ -49,6 +52,7 @@ __all__ = [
     "GuardedPPOLoss",
     "IdentityRatio",
     "InverseDtWeight",
+    "KLMask",
     "KLPenalty",
     "KernelStep",
     "LossOutput",
@@ -72,4 +76,5 @@ __all__ = [
     "make_kernel",
     "presets",
     "replay",
+    "transition_kl",
 ]

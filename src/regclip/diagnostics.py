@@ -81,8 +81,8 @@ def metric_tensors(
     advantages: Tensor,
     raw_advantages: Tensor,
     weight: Tensor,
-    low: float | None,
-    high: float | None,
+    low: float | Tensor | None,
+    high: float | Tensor | None,
 ) -> dict[str, Tensor]:
     """All per-call metrics as 0-d tensors (no device synchronisation)."""
     r = log_ratio.detach().float()
@@ -175,7 +175,9 @@ class TimestepDiagnostics:
         ratio = output.ratio.detach().double().cpu()
         adv = output.advantages.detach().cpu()
         clipped = output.clipped.detach().cpu()
-        low, high = output.clip_bounds
+        low, high = (  # per-sample (B,) ranges (AdaptiveClip) come to the host too
+            b.detach().double().cpu() if isinstance(b, Tensor) else b for b in output.clip_bounds
+        )
         steps = torch.as_tensor(step).reshape(-1).expand(log_ratio.shape[0]).cpu()
         above = ratio > 1 + high if high is not None else torch.zeros_like(clipped)
         below = ratio < 1 - low if low is not None else torch.zeros_like(clipped)

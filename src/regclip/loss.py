@@ -47,8 +47,9 @@ class LossOutput:
     """(B,) timestep weights."""
     advantages: Tensor
     """(B,) advantages after clipping."""
-    clip_bounds: tuple[float | None, float | None]
-    """(low, high) clip ranges of the surrogate."""
+    clip_bounds: tuple[float | Tensor | None, float | Tensor | None]
+    """(low, high) clip ranges of the surrogate: floats, or (B,) tensors when the range
+    varies per sample (:class:`regclip.AdaptiveClip`)."""
     compute_metric_tensors: Callable[[], dict[str, Tensor]] = field(repr=False)
     """Computes the metrics on demand, so a loop that never reads them pays nothing."""
 
@@ -209,14 +210,19 @@ class GuardedPPOLoss(nn.Module):
         adv = raw_adv if self.adv_clip is None else raw_adv.clamp(-self.adv_clip, self.adv_clip)
         log_ratio = self.normalizer(batch)
         weight = self.reweighter(batch, self.normalizer).to(log_ratio.dtype)
-        out = self.surrogate(log_ratio, adv.to(log_ratio.dtype))
+        if self.surrogate.needs_batch:  # e.g. AdaptiveClip (needs t), KLMask (the means)
+            out = self.surrogate(log_ratio, adv.to(log_ratio.dtype), batch=batch)
+        else:
+            out = self.surrogate(log_ratio, adv.to(log_ratio.dtype))
         policy_loss = (weight * out.loss).mean()
         kl = None
         loss = policy_loss
         if self.kl is not None:
             kl = self.kl(batch).mean()
             loss = policy_loss + self.kl.coef * kl
-        bounds = (self.surrogate.low, self.surrogate.high)
+        bounds: tuple[float | Tensor | None, float | Tensor | None] = (
+            out.bounds if out.bounds is not None else (self.surrogate.low, self.surrogate.high)
+        )
         metrics = partial(
             metric_tensors,
             loss=loss,

@@ -11,9 +11,14 @@ preset                     normalizer          reweighter            reproduces
                                                equalizing (others)   ``GRPOGuardLoss``)
 :func:`velocity_guard`     velocity-space      uniform               regclip's step-consistent
                                                                      extension
+:func:`adaptive_guard`     RatioNorm           as grpo_guard         GRPO-Guard with per-step
+                                                                     clip ranges tuned online
+:func:`kl_mask`            identity (any)      uniform (any)         Flow-DPPO (verl-omni
+                                                                     ``FlowDPPOLoss``)
 =========================  ==================  ====================  ==========================
 
-All take ``clip_range`` (symmetric PPO clip) and ``adv_clip`` (advantage clamp); the
+All take ``adv_clip`` (advantage clamp) and all but the last two ``clip_range`` (symmetric
+PPO clip; ``adaptive_guard`` tunes one per step, ``kl_mask`` bounds the divergence); the
 kernel-aware ones take ``sde``/``eta`` or a ready ``kernel`` (e.g.
 ``FlowSDE.from_sigmas(scheduler.sigmas)``, needed for the t = 1 step of a Flow-SDE). Each
 normalizer lives on its own scale, so each has its own default clip range: 1e-4 for the
@@ -25,20 +30,27 @@ use :func:`regclip.calibrate_clip_range` to set a target clip fraction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
+from torch import Tensor
+
+from .adaptive import AdaptiveClip
 from .kernels import TransitionKernel, make_kernel
 from .loss import GuardedPPOLoss, KLPenalty
 from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
 from .reweight import EqualizingWeight, InverseDtWeight, TimestepReweighter, UniformWeight
 from .surrogate import PPOClip
+from .trust_region import KLMask
 
 __all__ = [
     "PRESETS",
+    "adaptive_guard",
     "dance_grpo",
     "flow_grpo",
     "from_name",
     "grpo_guard",
+    "kl_mask",
     "mean_revised",
     "ratio_norm",
     "velocity_guard",
@@ -198,6 +210,86 @@ def velocity_guard(
     )
 
 
+def _guard_weight(sde: SDE, reweight: str) -> TimestepReweighter:
+    if reweight == "auto":
+        reweight = "inverse_dt" if sde == "flow" else "equalizing"
+    weights: dict[str, TimestepReweighter] = {
+        "uniform": UniformWeight(),
+        "inverse_dt": InverseDtWeight(),
+        "equalizing": EqualizingWeight(),
+    }
+    if reweight not in weights:
+        raise ValueError(
+            f"`reweight` must be 'auto', 'uniform', 'inverse_dt' or 'equalizing', got {reweight!r}"
+        )
+    return weights[reweight]
+
+
+def adaptive_guard(
+    sde: SDE = "flow",
+    times: Tensor | Sequence[float] | None = None,
+    target: float = 0.15,
+    clip_range: float = 2e-6,
+    gain: float = 1.0,
+    adv_clip: float | None = 5.0,
+    eta: float | None = None,
+    reweight: Literal["auto", "uniform", "inverse_dt", "equalizing"] = "auto",
+    kl_coef: float = 0.0,
+    kernel: TransitionKernel | None = None,
+) -> GuardedPPOLoss:
+    """GRPO-Guard (RatioNorm + the same reweighting as :func:`grpo_guard`) with an
+    :class:`regclip.AdaptiveClip` per-step clip range in place of the fixed one.
+
+    ``times`` (T,) is the sampling schedule (each step's start time); every call needs
+    ``t``. The ranges start at ``clip_range`` (GRPO-Guard's 2e-6) and move toward ``target``,
+    the fraction of ratios outside ``[1 - eps_k, 1 + eps_k]`` at each step. Call
+    ``loss.surrogate.step()`` after every optimizer step (on every rank).
+    """
+    if times is None:
+        raise ValueError("adaptive_guard needs the sampling schedule `times` (T,)")
+    return GuardedPPOLoss(
+        RatioNorm(),
+        _guard_weight(sde, reweight),
+        AdaptiveClip(times, target=target, init=clip_range, gain=gain),
+        kernel=kernel or make_kernel(sde, eta),
+        adv_clip=adv_clip,
+        kl=KLPenalty(kl_coef) if kl_coef > 0 else None,
+    )
+
+
+def kl_mask(
+    bound: float = 1e-5,
+    sde: SDE = "flow",
+    normalizer: Literal["identity", "ratio_norm", "velocity"] = "identity",
+    reweight: Literal["auto", "uniform", "inverse_dt", "equalizing"] = "uniform",
+    asymmetric: bool = True,
+    adv_clip: float | None = 5.0,
+    eta: float | None = None,
+    kl_coef: float = 0.0,
+    kernel: TransitionKernel | None = None,
+) -> GuardedPPOLoss:
+    """Flow-DPPO's trust region: :class:`regclip.KLMask` with radius ``bound`` on
+    ``mean_D((mu_theta - mu_old)^2) / (2 s_t^2)``, unclipped ``-A rho`` elsewhere.
+
+    The defaults (vanilla ratio, uniform weights, asymmetric mask) are verl-omni's
+    ``FlowDPPOLoss``; ``normalizer``/``reweight`` compose it with the guard's parts
+    (``reweight="auto"`` picks as :func:`grpo_guard` does). Needs the means in the call.
+    """
+    normalizers = {"identity": IdentityRatio, "ratio_norm": RatioNorm, "velocity": VelocityRatio}
+    if normalizer not in normalizers:
+        raise ValueError(
+            f"`normalizer` must be 'identity', 'ratio_norm' or 'velocity', got {normalizer!r}"
+        )
+    return GuardedPPOLoss(
+        normalizers[normalizer](),
+        _guard_weight(sde, reweight),
+        KLMask(bound, asymmetric=asymmetric),
+        kernel=kernel or make_kernel(sde, eta),
+        adv_clip=adv_clip,
+        kl=KLPenalty(kl_coef) if kl_coef > 0 else None,
+    )
+
+
 PRESETS = {
     "flow_grpo": flow_grpo,
     "dance_grpo": dance_grpo,
@@ -205,6 +297,8 @@ PRESETS = {
     "ratio_norm": ratio_norm,
     "grpo_guard": grpo_guard,
     "velocity_guard": velocity_guard,
+    "adaptive_guard": adaptive_guard,
+    "kl_mask": kl_mask,
 }
 
 

@@ -29,6 +29,9 @@ class SurrogateOutput:
     """(B,) bool: clipping (or dual clipping) zeroed this sample's gradient."""
     dual_clipped: Tensor
     """(B,) bool: the dual clip bound (subset of ``clipped``)."""
+    bounds: tuple[Tensor | None, Tensor | None] | None = None
+    """Per-sample (B,) clip ranges ``(low, high)`` when they vary across the batch (e.g.
+    :class:`regclip.AdaptiveClip`); ``None``: the surrogate's scalar ``low``/``high``."""
 
 
 class ClippedSurrogate(nn.Module):
@@ -36,7 +39,14 @@ class ClippedSurrogate(nn.Module):
 
     ``low``/``high`` of ``None`` disable that side; ``dual`` (> 1) caps negative-advantage
     losses at ``-dual * A``.
+
+    Subclasses that need more than the log-ratio (the step ``t``, the means) set
+    ``needs_batch = True``; :class:`regclip.GuardedPPOLoss` then calls
+    ``forward(log_ratio, advantages, batch=batch)`` with the validated
+    :class:`regclip.TransitionBatch`.
     """
+
+    needs_batch: bool = False
 
     def __init__(self, low: float | None, high: float | None, dual: float | None = None) -> None:
         super().__init__()
