@@ -40,16 +40,61 @@ def _grid(methods, scales, passes, seeds):
     return [RunSpec(m, s, p, seed) for m in methods for s in scales for p in passes for seed in seeds]
 
 
-def plan_pilot() -> tuple[DemoConfig, list[tuple[dict, list[RunSpec]]]]:
-    """Knob finding: does vanilla hack, how fast, at two learning rates (2 seeds)."""
-    base = ("flow_grpo", "grpo_guard", "velocity_guard")
-    grid = _grid(base, (0.25, 1.0, 4.0, None), (4,), (0, 1))
-    shards = [({"lr": 1e-4}, grid), ({"lr": 3e-4}, grid),
-              ({"lr": 1e-4}, _grid(("flow_grpo", "grpo_guard"), (1.0,), (16,), (0, 1)))]
-    return GPU, shards
+Shard = tuple[dict, list[RunSpec]]
+"""A worker: config overrides and its runs. Overrides with ``size`` make the worker pretrain
+(or load) its own generators and calibrate its own clip ranges; ``pretrain_only`` stops
+there."""
 
 
-PLANS = {"pilot": plan_pilot}
+def plan_pilot() -> tuple[DemoConfig, list[list[Shard]]]:
+    """Knob finding on GRPO seeds 0 and 1: does vanilla hack, how fast, at two learning rates;
+    every arm once on the GPU. Its results chose lr 1e-4 and 60 iterations for ``main``."""
+    seeds = (0, 1)
+    grid = _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (0.25, 1.0, 4.0, None), (4,), seeds)
+    grid += _grid(("adaptive_guard",), (None,), (4,), seeds)
+    grid += _grid(("kl_mask", "flow_grpo_kl"), (1.0,), (4,), seeds)
+    dance = _grid(("flow_grpo_dance", "grpo_guard_dance", "adaptive_guard_dance"), (1.0,), (4,), seeds)
+    return GPU, [[
+        ({"lr": 1e-4}, grid),
+        ({"lr": 3e-4}, grid),
+        ({"lr": 1e-4}, dance),
+        ({"lr": 1e-4}, _grid(("flow_grpo", "grpo_guard"), (1.0,), (16,), seeds)),
+    ]]
+
+
+SMALL = {"size": 32, "patch": 4, "pretrain_steps": 2000}
+"""The second latent size (D = 1024): the same network on 4 x 4 patches."""
+
+
+def plan_main() -> tuple[DemoConfig, list[list[Shard]]]:
+    """The comparison, on GRPO seeds 10-14 (not used by the pilot), in two waves that each
+    fit the GPU's memory."""
+    seeds = (10, 11, 12, 13, 14)
+    scales = (0.25, 1.0, 4.0, None)
+    cfg = dataclasses.replace(GPU, lr=1e-4, iterations=60, eval_every=5)
+    wave1 = [
+        ({}, _grid(("flow_grpo", "grpo_guard"), scales, (4,), seeds)),
+        ({}, _grid(("velocity_guard", "ratio_norm"), scales, (4,), seeds)),
+        ({}, _grid(("flow_grpo_kl",), scales, (4,), seeds)
+         + _grid(("adaptive_guard",), (None,), (4,), seeds)
+         + _grid(("kl_mask",), (0.25, 1.0, 4.0), (4,), seeds)),
+        ({}, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (1.0,), (1,), seeds)),
+        ({}, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (1.0,), (16,), seeds)),
+        ({**SMALL, "pretrain_only": True}, [RunSpec("flow_grpo", 1.0, 4, s) for s in (0, 1)]),
+    ]
+    wave2 = [
+        ({}, _grid(("flow_grpo_dance", "grpo_guard_dance"), (0.25, 1.0, 4.0), (4,), seeds)),
+        ({}, _grid(("velocity_guard_dance",), (0.25, 1.0, 4.0), (4,), seeds)
+         + _grid(("adaptive_guard_dance",), (None,), (4,), seeds)
+         + _grid(("kl_mask_dance",), (1.0,), (4,), seeds)),
+        (SMALL, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (0.25, 1.0, 4.0), (4,), seeds)
+         + _grid(("adaptive_guard",), (None,), (4,), seeds)
+         + _grid(("kl_mask",), (1.0,), (4,), seeds)),
+    ]
+    return cfg, [wave1, wave2]
+
+
+PLANS = {"pilot": plan_pilot, "main": plan_main}
 
 
 def main() -> int:
@@ -65,12 +110,17 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         job = json.loads(args.worker.read_text())
-        cfg = DemoConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()})
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()}
+        cfg = DemoConfig(**fields)
         runs = [RunSpec(**r) for r in job["runs"]]
+        if job.get("pretrain_only"):
+            pre = load_or_pretrain(cfg, sorted({r.pretrain_seed for r in runs}), torch.device(cfg.device))
+            print(f"[{args.out.name}] pretrained {pre.hashes} in {pre.seconds:.0f} s", flush=True)
+            return 0
         run_experiment(cfg, args.out, runs, bases=job["bases"], keep_images=8,
                        log=lambda m: print(f"[{args.out.name}] {m}", flush=True))
         return 0
-    cfg, shards = PLANS[args.plan]()
+    cfg, waves = PLANS[args.plan]()
     pairs = (("lr", args.lr), ("iterations", args.iterations), ("time_limit", args.time_limit))
     overrides = {k: v for k, v in pairs if v is not None}
     if args.budget != "gpu":
@@ -78,29 +128,42 @@ def main() -> int:
     cfg = dataclasses.replace(cfg, **overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    all_runs = [r for _, shard in shards for r in shard]
+    main_runs = [r for wave in waves for o, shard in wave if "size" not in o for r in shard]
     device = torch.device(cfg.device)
-    pre = load_or_pretrain(cfg, sorted({r.pretrain_seed for r in all_runs}), device)
+    pre = load_or_pretrain(cfg, sorted({r.pretrain_seed for r in main_runs}), device)
     print(f"pretrained {pre.hashes} in {pre.seconds:.0f} s", flush=True)
     world = DiscWorld(cfg.size)
-    proxies = {s: fit_proxy(world, s) for s in sorted({r.reward_seed for r in all_runs})}
-    bases = calibrate(cfg, sorted({r.method for r in all_runs}), pre, proxies, device)
+    proxies = {s: fit_proxy(world, s) for s in sorted({r.reward_seed for r in main_runs})}
+    bases = calibrate(cfg, sorted({r.method for r in main_runs}), pre, proxies, device)
     print(f"bases {bases} ({time.perf_counter() - start:.0f} s)", flush=True)
-    procs = []
-    for i, (shard_overrides, shard) in enumerate(shards):
-        job = args.out / f"job{i}.json"
-        shard_cfg = dataclasses.replace(cfg, **shard_overrides)
-        job.write_text(json.dumps({"config": shard_cfg.to_json(), "bases": bases,
-                                   "runs": [dataclasses.asdict(r) for r in shard]}))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--out", str(args.out / f"part{i}"),
-                                       "--worker", str(job)]))
-    codes = [p.wait() for p in procs]
-    parts = [json.loads((args.out / f"part{i}" / "frontier.json").read_text())
-             for i in range(len(shards)) if (args.out / f"part{i}" / "frontier.json").exists()]
-    merged = {k: v for k, v in parts[0].items() if k != "runs"} if parts else {}
+    codes, parts = [], []
+    index = 0
+    for wave in waves:
+        procs = []
+        for shard_overrides, shard in wave:
+            job = args.out / f"job{index}.json"
+            extra = {k: v for k, v in shard_overrides.items() if k != "pretrain_only"}
+            if args.budget != "gpu":
+                extra = {k: v for k, v in extra.items() if k not in ("size", "patch")}
+            shard_cfg = dataclasses.replace(cfg, **extra)
+            job.write_text(json.dumps({
+                "config": shard_cfg.to_json(),
+                "bases": None if "size" in shard_overrides else bases,
+                "pretrain_only": shard_overrides.get("pretrain_only", False),
+                "runs": [dataclasses.asdict(r) for r in shard],
+            }))
+            out = args.out / f"part{index}"
+            procs.append(subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", str(job)]))
+            parts.append(out)
+            index += 1
+        codes += [p.wait() for p in procs]
+    parts_json = [json.loads((p / "frontier.json").read_text()) for p in parts if (p / "frontier.json").exists()]
+    merged = {k: v for k, v in parts_json[0].items() if k != "runs"} if parts_json else {}
     merged["seconds"] = time.perf_counter() - start
     merged["plan"] = args.plan
-    merged["runs"] = [r for p in parts for r in p["runs"]]
+    merged["pretrained"] = {f"size{p['config']['size']}/{k}": h for p in parts_json for k, h in p["pretrained"].items()}
+    merged["bases"] = {f"size{p['config']['size']}/{k}": b for p in parts_json for k, b in p["bases"].items()}
+    merged["runs"] = [r for p in parts_json for r in p["runs"]]
     dump_compact(merged, args.out / "frontier.json")
     print(f"merged {len(merged['runs'])} runs, worker exit codes {codes}, "
           f"{merged['seconds']:.0f} s", flush=True)

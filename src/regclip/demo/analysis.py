@@ -41,7 +41,9 @@ Run = dict[str, Any]
 
 def at_gain(curve: Sequence[dict[str, float]], level: float) -> dict[str, float] | None:
     """``iteration``, ``gold``, ``hack`` where the proxy gain first reaches ``level``
-    (interpolated), or None if it never does."""
+    (interpolated), or None if it never does (or ``level <= 0``)."""
+    if level <= 0:
+        return None
     start = curve[0]["proxy"]
     prev = curve[0]
     for row in curve[1:]:
@@ -79,12 +81,12 @@ def bootstrap_mean(
 
 
 def _key(run: Run) -> tuple:
-    return (run["clip_scale"], run["passes"], run["seed"])
+    return (run["clip_scale"], run["passes"], run.get("lr"), run["seed"])
 
 
 def paired(runs: Sequence[Run], method: str, baseline: str, level: float) -> dict[str, Any] | None:
     """Gold difference (method - baseline) at proxy gain ``level``, paired by clip scale,
-    passes and seed, averaged within each seed, bootstrapped over seeds. Also the
+    passes, learning rate and seed, averaged within each seed, bootstrapped over seeds. Also the
     difference in iterations to the level and in hack."""
     index = {(r["method"], *_key(r)): r for r in runs}
     per_seed: dict[int, list[tuple[float, float, float]]] = defaultdict(list)

@@ -91,23 +91,23 @@ def build_loss(
     """The loss of run ``spec``; ``base`` is the method's calibrated clip range (KL bound)."""
     preset = method_preset(spec.method)
     kl_coef = cfg.kl_coef if spec.base == "flow_grpo_kl" else 0.0
-    if spec.base == "adaptive_guard":
-        return presets.adaptive_guard(
-            kernel=kernel, times=times[:-1], target=cfg.adaptive_target, init=base
-        )
-    if spec.base == "kl_mask":
+    sde = spec.sde
+    if spec.base == "adaptive_guard":  # the preset's own defaults: the untuned question
+        loss = presets.adaptive_guard(sde=sde, kernel=kernel, times=times[:-1])  # type: ignore[arg-type]
+    elif spec.base == "kl_mask":
         bound = base * (spec.clip_scale if spec.clip_scale is not None else 1e6)
-        return presets.kl_mask(bound=bound, kernel=kernel)
-    kernel_arg = {} if preset in ("flow_grpo", "dance_grpo") else {"kernel": kernel}
-    clip = base * spec.clip_scale if spec.clip_scale is not None else 0.5
-    loss = presets.from_name(preset, clip_range=clip, kl_coef=kl_coef, **kernel_arg)
-    if spec.clip_scale is None:
-        return GuardedPPOLoss(
-            loss.normalizer,
-            loss.reweighter,
-            NoClip(),
-            kernel=loss.kernel,
-            adv_clip=loss.adv_clip,
-            kl=loss.kl,
-        )
-    return loss
+        loss = presets.kl_mask(bound=bound, sde=sde, kernel=kernel)  # type: ignore[arg-type]
+    else:
+        kernel_arg = {} if preset in ("flow_grpo", "dance_grpo") else {"kernel": kernel, "sde": sde}
+        clip = base * spec.clip_scale if spec.clip_scale is not None else 0.5
+        loss = presets.from_name(preset, clip_range=clip, kl_coef=kl_coef, **kernel_arg)
+    unclipped = spec.clip_scale is None and spec.base not in ("adaptive_guard", "kl_mask")
+    return GuardedPPOLoss(  # the preset's parts, without per-call value checks (no syncs)
+        loss.normalizer,
+        loss.reweighter,
+        NoClip() if unclipped else loss.surrogate,
+        kernel=loss.kernel,
+        adv_clip=loss.adv_clip,
+        kl=loss.kl,
+        validate=False,
+    )

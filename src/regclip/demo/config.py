@@ -57,8 +57,6 @@ class DemoConfig:
     probe rollout from the pretrained generator."""
     kl_coef: float = 0.02
     """KL coefficient of ``flow_grpo_kl`` (upstream's sigma^2 convention)."""
-    adaptive_target: float = 0.15
-    """Target clip fraction of the ``adaptive_guard`` arms."""
     kl_bounds: tuple[float, ...] = (0.25, 1.0, 4.0)
     """KL-mask bounds as multiples of the calibrated base bound."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)

@@ -192,9 +192,9 @@ def run_ensemble(
         RunRecord(r, None if r.clip_scale is None else bases[r.method] * r.clip_scale)
         for r in runs
     ]
-    for rec in records:
-        if rec.spec.base == "adaptive_guard":
-            rec.clip_range = bases[rec.spec.method]
+    for rec, loss_fn in zip(records, ens.losses, strict=True):
+        if rec.spec.base == "adaptive_guard":  # its starting range
+            rec.clip_range = float(loss_fn.surrogate.ranges[0])
     noise_gen = torch.Generator(device).manual_seed(2024)
     eval_noise = torch.randn(
         (cfg.eval_samples, 1, cfg.size, cfg.size), generator=noise_gen, device=device

@@ -122,7 +122,7 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Pretrain (or load), fit the raters, calibrate (unless ``bases`` are given), train
     every run; write ``out/frontier.json`` and ``out/samples.pt`` (start and end samples of
-    the seed-0 runs)."""
+    the first seed's runs)."""
     start = time.perf_counter()
     device = torch.device(cfg.device)
     runs = list(runs) if runs is not None else default_runs(cfg)
@@ -150,10 +150,11 @@ def run_experiment(
         "runs": [_record_json(r, cfg, pre.hashes) for r in records],
     }
     dump_compact(result, out / "frontier.json")
+    first_seed = min(r.seed for r in runs)
     samples = {
         f"{r.spec.method}|{r.spec.clip_scale}|{r.spec.passes}|{key}": img
         for r in records
-        if r.spec.seed == 0
+        if r.spec.seed == first_seed
         for key, img in r.images.items()
     }
     torch.save(samples, out / "samples.pt")

@@ -41,16 +41,16 @@ def _slices(runs: list[dict[str, Any]]) -> dict[tuple[str, int, int], list[dict[
 def markdown_report(result: dict[str, Any]) -> str:
     runs = result["runs"]
     lines = [f"# Frontier report ({result.get('device', '?')})", ""]
-    lines += ["## Does vanilla hack?", "", "| method | clip | passes | runs | gold falls while proxy rises | proxy start -> end | gold start -> end | hack start -> end |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["## Does vanilla hack?", "", "| method | clip | passes | lr | runs | gold falls while proxy rises | proxy start -> end | gold start -> end | hack start -> end |", "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[(r["method"], str(r["clip_scale"]), r["passes"], r.get("size", 0))].append(r)
-    for (method, scale, passes, _), group in sorted(groups.items()):
+        groups[(r["method"], str(r["clip_scale"]), r["passes"], r.get("lr", 0), r.get("size", 0))].append(r)
+    for (method, scale, passes, lr, _), group in sorted(groups.items()):
         def mean(key: str, at: int, group: list[dict[str, Any]] = group) -> float:
             return sum(r["curve"][at][key] for r in group) / len(group)
 
         lines.append(
-            f"| {method} | {scale} | {passes} | {len(group)} | {sum(hacks(r) for r in group)} "
+            f"| {method} | {scale} | {passes} | {lr:g} | {len(group)} | {sum(hacks(r) for r in group)} "
             f"| {mean('proxy', 0):.3f} -> {mean('proxy', -1):.3f} | {mean('gold', 0):.3f} -> "
             f"{mean('gold', -1):.3f} | {mean('hack', 0):.3f} -> {mean('hack', -1):.3f} |"
         )
