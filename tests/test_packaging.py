@@ -69,7 +69,7 @@ def test_import_regclip_and_a_loss_need_only_the_core() -> None:
         mean = torch.randn(4, 3, generator=g, requires_grad=True)
         loss = regclip.presets.grpo_guard()(
             advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]), mean=mean,
-            old_mean=mean.detach(), next_sample=mean.detach() + 0.1, std=0.1, dt=-0.1, t=torch.full((4,), 0.5),
+            old_mean=mean.detach(), next_sample=mean.detach() + 0.1, std=0.1, dt=-0.1, t=0.5,
         ).loss
         loss.backward()
         print("ok", mean.grad is not None)

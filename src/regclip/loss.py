@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ._validate import as_advantages
 from .batch import TransitionBatch
 from .diagnostics import metric_tensors
 from .kernels import TransitionKernel
@@ -121,8 +122,8 @@ class GuardedPPOLoss(nn.Module):
             means given, no KL); otherwise, and on CPU, this eager path runs.
 
     Call with keyword tensors (see :class:`regclip.batch.TransitionBatch`): ``advantages``
-    (B,), ``mean``/``old_mean``/``next_sample`` (B, ...), ``std`` and ``dt`` ((B,) or
-    scalar), and optionally ``t`` (B,), ``log_prob``/``old_log_prob`` (B,) in the upstream
+    (B,) (a list or NumPy array is converted), ``mean``/``old_mean``/``next_sample`` (B, ...), ``std`` and ``dt`` ((B,) or
+    scalar), and optionally ``t`` ((B,) or scalar, in (0, 1]), ``log_prob``/``old_log_prob`` (B,) in the upstream
     mean-over-dims Gaussian convention, ``ref_mean`` (B, ...), and ``noise`` (B, ...) in
     place of ``old_mean`` (the rollout's draw, ``old_mean = next_sample - std * noise``; see
     :mod:`regclip.replay`). Returns :class:`LossOutput`.
@@ -164,12 +165,13 @@ class GuardedPPOLoss(nn.Module):
         mean: Tensor | None = None,
         old_mean: Tensor | None = None,
         next_sample: Tensor | None = None,
-        t: Tensor | None = None,
+        t: Tensor | float | None = None,
         log_prob: Tensor | None = None,
         old_log_prob: Tensor | None = None,
         ref_mean: Tensor | None = None,
         noise: Tensor | None = None,
     ) -> LossOutput:
+        advantages = as_advantages(advantages, mean)
         if self.kl is not None and ref_mean is None:
             raise ValueError("this loss has a KL penalty: pass `ref_mean`")
         if self.fused:

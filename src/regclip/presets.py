@@ -57,6 +57,8 @@ def _build(
     kl_coef: float,
     kl_variance: Literal["transition", "sigma"] = "transition",
 ) -> GuardedPPOLoss:
+    if kl_coef < 0:
+        raise ValueError(f"`kl_coef` must be >= 0 (0 turns the KL term off), got {kl_coef}")
     return GuardedPPOLoss(
         normalizer,
         reweighter,

@@ -87,7 +87,7 @@ def fused_forward(
     mean: Tensor | None,
     old_mean: Tensor | None,
     next_sample: Tensor | None,
-    t: Tensor | None = None,
+    t: Tensor | float | None = None,
     log_prob: Tensor | None = None,
     old_log_prob: Tensor | None = None,
     noise: Tensor | None = None,
