@@ -79,10 +79,16 @@ CASES = [  # (ratio, raw advantage, step): what the sample hits
     (1.3, -1.0, 1),  # A < 0, above 1 + high, below the dual bound: unclipped (neg_high)
     (4.0, -0.5, 1),  # A < 0, above the dual bound: dual-clipped (neg_high, dual)
     (1.1, 0.0, 0),  # A = 0: neither sign
-    (0.95, -4.0, 1),  # A < 0 in range, advantage clipped to -2
-    (1.25, 2.0, 1),  # A > 0, above 1 + high: clipped (pos_high)
+    (0.95, -4.0, 0),  # A < 0 in range, advantage clipped to -2
+    (1.25, 2.0, 0),  # A > 0, above 1 + high: clipped (pos_high)
+    (0.7, -0.3, 1),  # A < 0, below 1 - low: clipped (neg_low)
+    (0.85, -2.0, 0),  # A < 0, below 1 - low: clipped (neg_low)
+    (1.1, 0.5, 1),  # A > 0 in range
 ]
-DTS = [-0.1, -0.2, -0.05, -0.1, -0.25, -0.1, -0.2, -0.05, -0.1]
+# Counts differ between the signs and the sides, overall (pos: 2 high, 1 low of 5; neg:
+# 3 low, 2 high of 6) and per step, so a fraction counted over the wrong sign or side
+# cannot come out equal by chance.
+DTS = [-0.1, -0.2, -0.05, -0.1, -0.25, -0.1, -0.2, -0.05, -0.1, -0.15, -0.3, -0.08]
 
 
 def _share(hits, within):

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if package is None:
                     raise
                 _extra_error(sub_parser, extra, package)
-            sub_parser.set_defaults(_module=module_name, _extra=extra)
+            sub_parser.set_defaults(_module=module_name, _extra=extra, _parser=sub_parser)
     args = parser.parse_args(args_list)
     assert chosen is not None
     try:

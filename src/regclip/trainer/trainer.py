@@ -93,20 +93,23 @@ def decode_images(vae: Any, latents: Tensor) -> Tensor:
 
 def select_trainable(transformer: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     """Freeze ``transformer`` and return what trains: a fresh float32 LoRA adapter
-    (peft, via diffusers' ``add_adapter``; B = 0 so the policy starts at the base model)
+    (peft, via diffusers' ``add_adapter``; B = 0 so the policy starts at the base model;
+    A drawn from ``config.seed``)
     or, with ``config.full_finetune``, every transformer weight."""
     transformer.requires_grad_(config.full_finetune)
     if not config.full_finetune:
         from peft import LoraConfig
 
-        transformer.add_adapter(  # type: ignore[operator]
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(config.lora_targets),
+        with torch.random.fork_rng(devices=[]):  # seeded adapter, caller's RNG untouched
+            torch.manual_seed(_seed(config.seed, 4))
+            transformer.add_adapter(  # type: ignore[operator]
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora_targets),
+                )
             )
-        )
         for param in transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
