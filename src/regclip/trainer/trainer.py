@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,20 @@ def select_trainable(transformer: nn.Module, config: TrainConfig) -> list[nn.Par
 def _seed(*keys: int) -> int:
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
     return int(state[0] % (2**63))
+
+
+def _detached(out: LossOutput) -> LossOutput:
+    """The per-sample values of ``out`` without its autograd graph (for diagnostics read
+    after the update)."""
+    return replace(
+        out,
+        loss=out.loss.detach(),
+        log_ratio=out.log_ratio.detach(),
+        ratio=out.ratio.detach(),
+        weight=out.weight.detach(),
+        advantages=out.advantages.detach(),
+        compute_metric_tensors=dict,
+    )
 
 
 class GRPOTrainer:
@@ -309,8 +323,14 @@ class GRPOTrainer:
         return ref.mean
 
     def update(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """All optimizer passes over ``rollouts``; returns mean loss metrics and grad norm."""
-        sums: dict[str, float] = defaultdict(float)
+        """All optimizer passes over ``rollouts``; returns mean loss metrics and grad norm.
+
+        Metrics and per-timestep diagnostics accumulate on the device; they are read
+        (one device synchronisation) once, after the last pass.
+        """
+        sums: dict[str, Tensor] = {}
+        norms: list[Tensor] = []
+        outputs: list[tuple[int, LossOutput]] = []
         calls, steps = 0, 0
         g = torch.Generator().manual_seed(_seed(self.config.seed, self.iteration, 3))
         self.model.train()
@@ -325,20 +345,27 @@ class GRPOTrainer:
                             norm = self.accelerator.clip_grad_norm_(
                                 self.trainable, self.config.max_grad_norm
                             )
-                            sums["grad_norm"] += float(norm)
+                            if norm is not None:
+                                norms.append(torch.as_tensor(norm).detach().float())
                             steps += 1
                         self.optimizer.step()
                         self.optimizer.zero_grad()
                     if self.accelerator.sync_gradients and self.ema is not None:
                         self.ema.step(self.trainable)
-                    self.diagnostics.update(int(rollout.steps[k]), out)
-                    for name, value in out.metrics.items():
-                        sums[name] += value
+                    for name, value in out.metric_tensors.items():
+                        value = value.detach().float()
+                        sums[name] = sums[name] + value if name in sums else value
+                    outputs.append((int(rollout.steps[k]), _detached(out)))
                     calls += 1
-        metrics = {name: value / calls for name, value in sums.items() if name != "grad_norm"}
-        if steps:
-            metrics["grad_norm"] = sums["grad_norm"] / steps
+        names = list(sums)
+        values = [sums[n] / calls for n in names]
+        if norms:
+            names.append("grad_norm")
+            values.append(torch.stack([n.to(self.device) for n in norms]).mean())
+        metrics = dict(zip(names, torch.stack(values).tolist(), strict=True)) if values else {}
         metrics["optimizer_steps"] = float(steps)
+        for step, out in outputs:
+            self.diagnostics.update(step, out)
         return metrics
 
     def train_iteration(self) -> dict[str, Any]:
