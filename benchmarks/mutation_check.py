@@ -94,7 +94,7 @@ MUTANTS = (
     Mutant("loss.py", "policy_loss = (weight * out.loss).mean()",
            "policy_loss = (weight * out.loss).sum()",
            "policy loss summed instead of averaged", LOSS_TESTS),
-    Mutant("loss.py", "var = var / batch.dt.to(dtype).abs()",
+    Mutant("kl.py", "var = var / batch.dt.to(dtype).abs()",
            "var = var * batch.dt.to(dtype).abs()",
            "sigma-convention KL: variance multiplied by |dt|", LOSS_TESTS),
     Mutant("diagnostics.py", '"clip/pos_low": _fraction(below, pos)',

@@ -14,7 +14,6 @@ the optional KL to a reference policy's mean (:class:`KLPenalty`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 from torch import Tensor, nn
 
@@ -22,48 +21,14 @@ from ._validate import as_advantages
 from .batch import TransitionBatch
 from .diagnostics import metric_tensors
 from .kernels import TransitionKernel
+from .kl import KLPenalty
+from .loss_config import LossConfig, build_parts
 from .output import LossOutput
 from .ratio import IdentityRatio, RatioNormalizer
 from .reweight import TimestepReweighter, UniformWeight
 from .surrogate import ClippedSurrogate, PPOClip
 
-__all__ = ["GuardedPPOLoss", "KLPenalty", "LossOutput"]
-
-
-class KLPenalty(nn.Module):
-    r"""``coef * mean_D((mu_theta - mu_ref)^2) / (2 var)``, the KL between the current and
-    reference transition Gaussians (same std), averaged over latent dims.
-
-    ``variance="transition"`` uses the true transition variance ``s_t^2``;
-    ``variance="sigma"`` uses ``sigma_t^2 = s_t^2 / |dt|``, which is what Flow-GRPO's
-    ``train_sd3.py`` divides by (its ``std_dev_t`` is sigma_t), so a ``beta`` tuned there
-    means the same here.
-    """
-
-    def __init__(
-        self, coef: float, variance: Literal["transition", "sigma"] = "transition"
-    ) -> None:
-        super().__init__()
-        if coef < 0:
-            raise ValueError(f"KL `coef` must be >= 0, got {coef}")
-        if variance not in ("transition", "sigma"):
-            raise ValueError(f"`variance` must be 'transition' or 'sigma', got {variance!r}")
-        self.coef = coef
-        self.variance = variance
-
-    def extra_repr(self) -> str:
-        return f"coef={self.coef}, variance={self.variance!r}"
-
-    def forward(self, batch: TransitionBatch) -> Tensor:
-        """(B,) per-sample KL (before ``coef``)."""
-        if batch.mean is None or batch.ref_mean is None:
-            raise ValueError("the KL penalty needs `mean` and `ref_mean`")
-        dtype = batch.compute_dtype()
-        delta = batch.mean.to(dtype) - batch.ref_mean.detach().to(dtype)
-        var = batch.std.to(dtype) ** 2
-        if self.variance == "sigma":
-            var = var / batch.dt.to(dtype).abs()
-        return (delta**2).mean(dim=tuple(range(1, delta.ndim))) / (2 * var)
+__all__ = ["GuardedPPOLoss", "KLPenalty", "LossOutput"]  # KLPenalty, LossOutput: re-exported
 
 
 class GuardedPPOLoss(nn.Module):
@@ -113,6 +78,27 @@ class GuardedPPOLoss(nn.Module):
         self.kl = kl
         self.validate = validate
         self.fused = fused
+
+    @classmethod
+    def from_config(
+        cls, config: LossConfig, kernel: TransitionKernel | None = None, *, validate: bool = True
+    ) -> GuardedPPOLoss:
+        """The loss a :class:`regclip.loss_config.LossConfig` describes, with fresh parts.
+
+        ``kernel`` replaces the one the config's ``sde``/``eta`` would make (presets that
+        use no kernel ignore it).
+        """
+        parts = build_parts(config, kernel)
+        return cls(
+            parts.normalizer,
+            parts.reweighter,
+            parts.surrogate,
+            kernel=parts.kernel,
+            adv_clip=parts.adv_clip,
+            kl=parts.kl,
+            validate=validate,
+            fused=parts.fused,
+        )
 
     def extra_repr(self) -> str:
         return f"adv_clip={self.adv_clip}, validate={self.validate}, fused={self.fused}"

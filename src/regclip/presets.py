@@ -21,20 +21,23 @@ raw log-ratio (Flow-GRPO, DanceGRPO), 2e-6 for RatioNorm (the public GRPO-Guard 
 and 2e-5 for the velocity-space ratio (2e-6 divided by |c_t| ~ 0.1, a 10-step schedule's
 slope). These are starting points: measure the clip engagement (``clip/*`` metrics) and
 use :func:`regclip.calibrate_clip_range` to set a target clip fraction.
+
+Every function here is a thin wrapper: it fills a :class:`regclip.LossConfig` and calls
+:meth:`regclip.GuardedPPOLoss.from_config`, the one way a loss is built from a name.
+:data:`PRESETS` maps each name to its wrapper; :func:`from_name` builds by name.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
-from .kernels import TransitionKernel, make_kernel
-from .loss import GuardedPPOLoss, KLPenalty
-from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
-from .reweight import EqualizingWeight, InverseDtWeight, TimestepReweighter, UniformWeight
-from .surrogate import PPOClip
+from .kernels import TransitionKernel
+from .loss import GuardedPPOLoss
+from .loss_config import SDE, LossConfig, Reweight
 
 __all__ = [
     "PRESETS",
+    "build",
     "dance_grpo",
     "flow_grpo",
     "from_name",
@@ -44,29 +47,10 @@ __all__ = [
     "velocity_guard",
 ]
 
-SDE = Literal["flow", "dance", "cps"]
 
-
-def _build(
-    normalizer: RatioNormalizer,
-    reweighter: TimestepReweighter,
-    *,
-    clip_range: float,
-    adv_clip: float | None,
-    kernel: TransitionKernel | None,
-    kl_coef: float,
-    kl_variance: Literal["transition", "sigma"] = "transition",
-) -> GuardedPPOLoss:
-    if kl_coef < 0:
-        raise ValueError(f"`kl_coef` must be >= 0 (0 turns the KL term off), got {kl_coef}")
-    return GuardedPPOLoss(
-        normalizer,
-        reweighter,
-        PPOClip(clip_range),
-        kernel=kernel,
-        adv_clip=adv_clip,
-        kl=KLPenalty(kl_coef, kl_variance) if kl_coef > 0 else None,
-    )
+def build(config: LossConfig, kernel: TransitionKernel | None = None) -> GuardedPPOLoss:
+    """``GuardedPPOLoss.from_config(config, kernel)``."""
+    return GuardedPPOLoss.from_config(config, kernel)
 
 
 def flow_grpo(
@@ -76,15 +60,7 @@ def flow_grpo(
 
     The KL term (``kl_coef`` is upstream's ``beta``) divides by sigma_t^2 as upstream does.
     """
-    return _build(
-        IdentityRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=None,
-        kl_coef=kl_coef,
-        kl_variance="sigma",
-    )
+    return build(LossConfig("flow_grpo", clip_range, adv_clip, kl_coef))
 
 
 def dance_grpo(
@@ -95,14 +71,7 @@ def dance_grpo(
     DanceGRPO divides each timestep's loss by ``grad_accumulation * train_timesteps``;
     that is a constant of the trainer's accumulation, not of the loss.
     """
-    return _build(
-        IdentityRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=None,
-        kl_coef=kl_coef,
-    )
+    return build(LossConfig("dance_grpo", clip_range, adv_clip, kl_coef))
 
 
 def mean_revised(
@@ -114,14 +83,8 @@ def mean_revised(
     kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
     """Ablation: bias removed (``log rho + b_t``), scale and weights untouched."""
-    return _build(
-        MeanRevisedRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
+    config = LossConfig("mean_revised", clip_range, adv_clip, kl_coef, sde, eta)
+    return build(config, kernel)
 
 
 def ratio_norm(
@@ -133,14 +96,7 @@ def ratio_norm(
     kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
     """Ablation: RatioNorm (bias and scale) without timestep reweighting."""
-    return _build(
-        RatioNorm(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
+    return build(LossConfig("ratio_norm", clip_range, adv_clip, kl_coef, sde, eta), kernel)
 
 
 def grpo_guard(
@@ -148,7 +104,7 @@ def grpo_guard(
     clip_range: float = 2e-6,
     adv_clip: float | None = 5.0,
     eta: float | None = None,
-    reweight: Literal["auto", "inverse_dt", "equalizing"] = "auto",
+    reweight: Reweight = "auto",
     kl_coef: float = 0.0,
     kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
@@ -160,24 +116,8 @@ def grpo_guard(
     exactly ``mean(max(-A rho, -A clip(rho)) / -dt)`` with
     ``rho = exp(s (log_prob - old_log_prob + mean_D(Delta^2) / (2 s^2)))``.
     """
-    if reweight == "auto":
-        reweight = "inverse_dt" if sde == "flow" else "equalizing"
-    weights: dict[str, TimestepReweighter] = {
-        "inverse_dt": InverseDtWeight(),
-        "equalizing": EqualizingWeight(),
-    }
-    if reweight not in weights:
-        raise ValueError(
-            f"`reweight` must be 'auto', 'inverse_dt' or 'equalizing', got {reweight!r}"
-        )
-    return _build(
-        RatioNorm(),
-        weights[reweight],
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
+    config = LossConfig("grpo_guard", clip_range, adv_clip, kl_coef, sde, eta, reweight)
+    return build(config, kernel)
 
 
 def velocity_guard(
@@ -190,17 +130,11 @@ def velocity_guard(
 ) -> GuardedPPOLoss:
     """Step-consistent guard: ``mean_D(eps Delta) / |c_t|`` (normalization and reweighting
     in one), no further weights. Needs ``t`` in the call."""
-    return _build(
-        VelocityRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
+    config = LossConfig("velocity_guard", clip_range, adv_clip, kl_coef, sde, eta)
+    return build(config, kernel)
 
 
-PRESETS = {
+PRESETS: dict[str, Callable[..., GuardedPPOLoss]] = {
     "flow_grpo": flow_grpo,
     "dance_grpo": dance_grpo,
     "mean_revised": mean_revised,
@@ -208,10 +142,11 @@ PRESETS = {
     "grpo_guard": grpo_guard,
     "velocity_guard": velocity_guard,
 }
+"""Name -> keyword wrapper (the names of :data:`regclip.loss_config.PRESET_SPECS`)."""
 
 
 def from_name(name: str, **kwargs: object) -> GuardedPPOLoss:
     """Build a preset by name (keys of :data:`PRESETS`) with keyword overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name](**kwargs)  # type: ignore[operator]
+    return PRESETS[name](**kwargs)

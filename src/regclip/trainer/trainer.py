@@ -22,7 +22,6 @@ the same autocast to the prepared model, so both passes compute in the same prec
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import replace
@@ -33,11 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import presets
 from ..advantages import group_advantages
 from ..diagnostics import TimestepDiagnostics
 from ..kernels import FlowSDE, TransitionKernel, make_kernel
-from ..loss import GuardedPPOLoss, LossOutput
+from ..loss import GuardedPPOLoss
+from ..loss_config import LossConfig
+from ..output import LossOutput
 from .arch import Guidance, model_config
 from .build import Components, dtype_from_name
 from .config import TrainConfig
@@ -64,19 +64,16 @@ def build_loss(
     adv_clip: float | None = 5.0,
     kl_coef: float = 0.0,
 ) -> GuardedPPOLoss:
-    """``regclip.presets.from_name`` with the kernel handed to the presets that use one."""
-    if preset not in presets.PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}")
-    factory: Any = presets.PRESETS[preset]
-    params = inspect.signature(factory).parameters
-    kwargs: dict[str, Any] = {"adv_clip": adv_clip, "kl_coef": kl_coef}
-    if clip_range is not None:
-        kwargs["clip_range"] = clip_range
-    if "kernel" in params:
-        kwargs["kernel"] = kernel
-    if "sde" in params:
-        kwargs["sde"] = sde
-    return presets.from_name(preset, **kwargs)
+    """The preset's loss through :meth:`GuardedPPOLoss.from_config`, with the trainer's
+    kernel (presets that use none ignore it)."""
+    config = LossConfig(
+        preset,
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kl_coef=kl_coef,
+        sde=sde,  # type: ignore[arg-type]
+    )
+    return GuardedPPOLoss.from_config(config, kernel)
 
 
 @torch.no_grad()
