@@ -8,6 +8,7 @@ never touched; the copy's file is restored after every mutant.
 
     python benchmarks/mutation_check.py            # all mutants -> benchmarks/results/mutation.json
     python benchmarks/mutation_check.py --only 3 7  # a few, by index (results not written)
+    python benchmarks/mutation_check.py --tests /tmp/old/tests  # another suite, same mutants
 
 The result is compact JSON: ``{"mutants": [{"file", "description", "caught"}], "caught": n,
 "total": m}``.
@@ -119,11 +120,10 @@ MUTANTS = (
 )  # fmt: skip
 
 
-def _copy_tree(dest: Path) -> None:
-    for name in ("src", "tests"):
-        shutil.copytree(
-            ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
+def _copy_tree(dest: Path, tests: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "src", dest / "src", ignore=ignore)
+    shutil.copytree(tests, dest / "tests", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
 
 
@@ -142,11 +142,11 @@ def _tests_fail(workdir: Path, tests: tuple[str, ...], timeout: float) -> bool:
     return result.returncode == 1
 
 
-def run(indices: list[int], timeout: float) -> list[dict[str, object]]:
+def run(indices: list[int], timeout: float, tests: Path) -> list[dict[str, object]]:
     records = []
     with tempfile.TemporaryDirectory(prefix="regclip-mutation-") as tmp:
         workdir = Path(tmp)
-        _copy_tree(workdir)
+        _copy_tree(workdir, tests)
         if _tests_fail(workdir, tuple(sorted({t for m in MUTANTS for t in m.tests})), timeout):
             raise RuntimeError("the unmutated tests fail: fix them before checking mutants")
         for index in indices:
@@ -176,12 +176,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", type=int, nargs="+", help="mutant indices to run")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run")
+    parser.add_argument(
+        "--tests",
+        type=Path,
+        default=ROOT / "tests",
+        help="tests folder to run (e.g. an older suite, to compare); results not written",
+    )
     args = parser.parse_args()
     indices = args.only if args.only else list(range(len(MUTANTS)))
-    records = run(indices, args.timeout)
+    records = run(indices, args.timeout, args.tests)
     caught = sum(bool(r["caught"]) for r in records)
     print(f"caught {caught} of {len(records)}")
-    if not args.only:
+    if not args.only and args.tests == ROOT / "tests":
         RESULT.parent.mkdir(parents=True, exist_ok=True)
         result = {"mutants": records, "caught": caught, "total": len(records)}
         RESULT.write_text(json.dumps(result, separators=(",", ":")) + "\n")
