@@ -17,6 +17,13 @@ settings.register_profile(
 settings.load_profile("regclip")
 
 
+@pytest.fixture(autouse=True)
+def _seed_global_rng() -> None:
+    """Every test starts from the same global RNG state, so a draw that does not take its
+    own ``torch.Generator`` is still reproducible."""
+    torch.manual_seed(0)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip tests marked ``gpu`` when no CUDA device is present."""
     if torch.cuda.is_available():

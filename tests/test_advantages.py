@@ -28,6 +28,7 @@ def numpy_reference(rewards, ids, std_mode, eps, ddof):
     return out
 
 
+@pytest.mark.filterwarnings("ignore:a group has a single sample")  # groups of 1 drawn
 @given(
     seed=seeds,
     groups=st.integers(1, 6),
@@ -46,6 +47,7 @@ def test_matches_per_prompt_reference(seed, groups, std_mode, flavour):
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:a group has a single sample")  # groups of 1 drawn
 @given(seed=seeds)
 def test_advantages_are_permutation_equivariant_and_zero_mean_per_group(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -63,3 +65,16 @@ def test_bad_input_is_named():
         group_advantages(torch.zeros(3), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="`rewards`"):
         group_advantages(torch.tensor([0.0, float("nan")]), torch.zeros(2, dtype=torch.long))
+
+
+def test_group_of_one_warns_and_gets_zero_advantage():
+    rewards = torch.tensor([1.0, 2.0, 3.0])
+    ids = torch.tensor([0, 0, 1])  # group 1 has one sample
+    with pytest.warns(UserWarning, match="single sample"):
+        adv = group_advantages(rewards, ids)
+    assert adv[2] == 0
+
+
+def test_groups_of_two_or_more_do_not_warn(recwarn):
+    group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 1]))
+    assert not [w for w in recwarn if "single sample" in str(w.message)]

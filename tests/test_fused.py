@@ -43,9 +43,9 @@ def make_inputs(
     seed: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Loss keywords for transitions with ``mean - old_mean ~ drift * s`` (varied per sample)
-    and the rollout noise. Fresh random draws unless ``seed`` is given."""
+    and the rollout noise. Seed 0 unless ``seed`` is given."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    gen.manual_seed(0 if seed is None else seed)
 
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(size, generator=gen, device=device)

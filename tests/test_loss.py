@@ -112,9 +112,10 @@ def test_flow_grpo_kl_matches_upstream_sigma_convention(seed, drift, beta):
 
 
 def test_transition_kl_is_the_true_gaussian_kl_per_dim():
-    mean = torch.randn(4, 3, 5, dtype=torch.float64)
-    ref = torch.randn(4, 3, 5, dtype=torch.float64)
-    std = torch.rand(4, dtype=torch.float64) + 0.1
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    ref = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    std = torch.rand(4, generator=g, dtype=torch.float64) + 0.1
     b = regclip.TransitionBatch.build(
         advantages=torch.zeros(4), std=std, dt=-0.1, mean=mean, ref_mean=ref
     )
@@ -194,11 +195,72 @@ BASE = dict(
         ({"t": torch.full((2,), 0.5)}, "`t`"),
         ({"advantages": torch.tensor([0.0, float("inf"), 0.0])}, "`advantages`"),
         ({"log_prob": torch.zeros(3)}, "`old_log_prob`"),
+        # every range check of the inputs
+        ({"t": torch.tensor([0.5, 0.0, 0.5])}, "`t`"),  # t = 0 would give a NaN loss
+        ({"t": torch.tensor([0.5, 1.5, 0.5])}, "`t`"),
+        ({"t": torch.tensor([0.5, -0.2, 0.5])}, "`t`"),
+        ({"t": 0.0}, "`t`"),
+        ({"t": torch.tensor([0.5, float("nan"), 0.5])}, "`t`"),
+        ({"std": torch.tensor([0.1, -0.1, 0.1])}, "`std`"),
+        ({"std": float("inf")}, "`std`"),
+        ({"std": torch.full((2,), 0.1)}, "`std`"),
+        ({"dt": 0.0}, "`dt`"),
+        ({"advantages": torch.zeros(3, 1)}, "`advantages`"),
+        ({"advantages": torch.zeros(0)}, "`advantages`"),
+        ({"mean": torch.zeros(3, 4, dtype=torch.int64)}, "`mean`"),
+        ({"old_mean": torch.zeros(3, 4, dtype=torch.int32)}, "`old_mean`"),
+        ({"next_sample": torch.zeros(3, 4, dtype=torch.uint8)}, "`next_sample`"),
+        ({"mean": torch.zeros(3)}, "`mean`"),
+        ({"old_mean": torch.zeros(3, 5)}, "`old_mean`"),
+        ({"noise": torch.zeros(3, 4)}, "`noise`"),
+        ({"log_prob": torch.zeros(3), "old_log_prob": torch.zeros(2)}, "`old_log_prob`"),
     ],
 )
 def test_bad_input_raises_an_error_naming_the_argument(override, match):
     with pytest.raises(ValueError, match=match):
         presets.grpo_guard(sde="dance")(**{**BASE, **override})
+
+
+def test_python_floats_for_t_dt_std_match_tensors():
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(3, 4, generator=g)
+    inputs = {**BASE, "mean": mean, "next_sample": torch.randn(3, 4, generator=g)}
+    inputs["advantages"] = torch.tensor([1.0, -0.5, 2.0])
+    loss_fn = presets.grpo_guard(sde="dance")
+    as_tensors = loss_fn(**inputs)
+    as_floats = loss_fn(**{**inputs, "t": 0.5, "dt": -0.1, "std": 0.1})
+    torch.testing.assert_close(as_floats.loss, as_tensors.loss)
+    torch.testing.assert_close(as_floats.log_ratio, as_tensors.log_ratio)
+
+
+def test_advantages_as_list_or_numpy_are_converted():
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(4)
+    inputs = {**BASE, "mean": torch.randn(3, 4, generator=g)}
+    values = [1.0, -0.5, 2.0]
+    reference = GuardedPPOLoss()(**{**inputs, "advantages": torch.tensor(values)}).loss
+    for advantages in (values, np.array(values), np.array(values, dtype=np.float32)):
+        out = GuardedPPOLoss()(**{**inputs, "advantages": advantages})
+        torch.testing.assert_close(out.loss, reference)
+
+
+@pytest.mark.parametrize("advantages", [1.0, "abc", None, [["a"]], object()])
+def test_non_tensor_advantages_are_rejected_naming_them(advantages):
+    with pytest.raises((TypeError, ValueError), match="`advantages`"):
+        GuardedPPOLoss()(**{**BASE, "advantages": advantages})
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_rejects_a_negative_kl_coef(name):
+    with pytest.raises(ValueError, match="`kl_coef`"):
+        presets.from_name(name, kl_coef=-0.1)
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_every_preset_keeps_a_positive_kl_coef(name):
+    loss_fn = presets.from_name(name, kl_coef=0.1)
+    assert loss_fn.kl is not None and loss_fn.kl.coef == 0.1
+    assert presets.from_name(name, kl_coef=0.0).kl is None
 
 
 def test_missing_inputs_are_named():

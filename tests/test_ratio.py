@@ -1,4 +1,5 @@
-"""Ratio normalizers: the closed forms of DESIGN.md section 1, proved on fresh random draws."""
+"""Ratio normalizers: the closed forms of docs/theory.md sections 2-3, proved on seeded random
+draws."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -17,6 +19,7 @@ from regclip import (
     NoClip,
     RatioNorm,
     TransitionBatch,
+    UniformWeight,
     VelocityRatio,
     make_kernel,
 )
@@ -105,3 +108,93 @@ def test_reweighter_that_needs_t_without_t_names_it():
             TransitionBatch.build(advantages=torch.zeros(2), std=0.1, dt=-0.2, t=torch.ones(2) / 2),
             RatioNorm(),
         )
+
+
+# Independent references, written from the published equations (docs/theory.md sections 1
+# and 4), not from regclip's code: the transition std s_t and velocity slope c_t of each
+# kernel, then each reweighter's weight.
+ETA = {"flow": 0.7, "dance": 0.3, "cps": 0.7}
+
+
+def reference_std_and_slope(name: str, t: float, dt: float) -> tuple[float, float]:
+    eta = ETA[name]
+    if name == "flow":
+        sigma = eta * math.sqrt(t / (1 - t))
+        return sigma * math.sqrt(-dt), (1 + sigma**2 * (1 - t) / (2 * t)) * dt
+    if name == "dance":
+        return eta * math.sqrt(-dt), (1 + eta**2 * (1 - t) / (2 * t)) * dt
+    t_next = t + dt
+    s = t_next * math.sin(eta * math.pi / 2)
+    return s, -t * (1 - t_next) + (1 - t) * math.sqrt(t_next**2 - s**2)
+
+
+def reference_weight(reweighter: str, normalizer: str, kernel: str, t: float, dt: float) -> float:
+    s, c = reference_std_and_slope(kernel, t, dt)
+    if reweighter == "uniform":
+        return 1.0
+    if reweighter == "inverse_dt":
+        return 1 / abs(dt)
+    if reweighter == "dance_beta":
+        return (1 + ETA[kernel] ** 2 * (1 - t) / (2 * t)) / abs(dt)
+    # equalizing: 1 / |k_t| with k_t = scale_t c_t / s
+    scale = {"identity": 1.0, "mean_revised": 1.0, "ratio_norm": s, "velocity": s / abs(c)}
+    return 1 / abs(scale[normalizer] * c / s)
+
+
+REWEIGHTERS = {
+    "uniform": lambda kernel: UniformWeight(),
+    "inverse_dt": lambda kernel: InverseDtWeight(),
+    "dance_beta": lambda kernel: DanceBetaWeight(ETA[kernel]),
+    "equalizing": lambda kernel: EqualizingWeight(),
+}
+POINTS = [(0.9, -0.05), (0.6, -0.1), (0.3, -0.2), (0.12, -0.04)]
+
+
+@pytest.mark.parametrize("kernel_name", ["flow", "dance", "cps"])
+@pytest.mark.parametrize("normalizer", NORMALIZERS, ids=lambda n: n.__name__)
+@pytest.mark.parametrize("reweighter", sorted(REWEIGHTERS))
+def test_every_reweighter_is_positive_and_equals_the_published_weight(
+    reweighter, normalizer, kernel_name
+):
+    kernel = make_kernel(kernel_name, ETA[kernel_name])
+    norm = normalizer()
+    t = torch.tensor([p[0] for p in POINTS], dtype=torch.float64)
+    dt = torch.tensor([p[1] for p in POINTS], dtype=torch.float64)
+    std = kernel.std(t, dt)
+    batch = TransitionBatch.build(
+        advantages=torch.zeros(len(POINTS), dtype=torch.float64), std=std, dt=dt, t=t,
+        kernel=kernel,
+    )  # fmt: skip
+    weight = REWEIGHTERS[reweighter](kernel_name)(batch, norm)
+    expected = torch.tensor(
+        [reference_weight(reweighter, norm.name, kernel_name, *p) for p in POINTS],
+        dtype=torch.float64,
+    )
+    assert bool((weight > 0).all()), weight
+    torch.testing.assert_close(weight, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kernel_name", ["dance", "cps", "flow"])
+def test_guard_loss_and_gradient_point_towards_the_reward(kernel_name):
+    """The guard's loss at the rollout point is exactly ``-mean(w A)`` with the published
+    positive weight, and one gradient step raises the ratio of every positive-advantage
+    sample and lowers it for every negative one (a weight that lost its ``abs`` flips
+    both: training would run against the reward)."""
+    kernel = make_kernel(kernel_name, ETA[kernel_name])
+    loss_fn = GuardedPPOLoss(RatioNorm(), EqualizingWeight(), NoClip(), kernel=kernel)
+    r = make_rollout(3, batch=len(POINTS), drift=0.0)
+    r.t = torch.tensor([p[0] for p in POINTS], dtype=torch.float64)
+    r.dt = torch.tensor([p[1] for p in POINTS], dtype=torch.float64)
+    r.advantages = torch.tensor([1.0, -1.0, 0.5, -2.0], dtype=torch.float64)
+    inputs = loss_inputs(kernel, r)
+    out = loss_fn(**inputs)
+    w = torch.tensor(
+        [reference_weight("equalizing", "ratio_norm", kernel_name, *p) for p in POINTS],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(out.loss, -(w * r.advantages).mean(), rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(out.loss, r.velocity)
+    with torch.no_grad():
+        r.velocity -= 1e-3 * grad / grad.abs().max()
+    moved = loss_fn(**loss_inputs(kernel, r)).log_ratio
+    assert bool((moved * r.advantages > 0).all()), (moved, r.advantages)

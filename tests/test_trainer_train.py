@@ -32,7 +32,7 @@ def _snapshot(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
 def test_training_step_changes_lora_weights_and_nothing_else(tmp_path: Path, arch: str) -> None:
-    trainer = _trainer(tmp_path, arch, seed=int(torch.randint(1 << 20, ())))
+    trainer = _trainer(tmp_path, arch, seed=11)
     before = _snapshot(trainer)
     buffers = {n: b.clone() for n, b in trainer.unwrapped.named_buffers()}
     vae_before = {n: p.clone() for n, p in trainer.vae.state_dict().items()}
@@ -263,3 +263,30 @@ def test_encode_prompts_batches_and_stores_negatives(
     loaded = PromptSet.load(tmp_path / "e.pt")
     assert loaded.texts == encoded.texts
     assert torch.equal(loaded.embeds.prompt_embeds, encoded.embeds.prompt_embeds)
+
+
+def test_update_reads_metrics_once_not_per_micro_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update never reads ``LossOutput.metrics`` (a device sync per call) and feeds the
+    per-timestep diagnostics only after its last optimizer step."""
+    from regclip.output import LossOutput
+
+    def no_sync(self: LossOutput) -> dict[str, float]:
+        raise AssertionError("LossOutput.metrics read inside the update loop")
+
+    monkeypatch.setattr(LossOutput, "metrics", property(no_sync))
+    trainer = _trainer(tmp_path, "sd3", passes=2)
+    rollouts, _ = trainer.rollout()
+    events: list[str] = []
+    step = trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda: (events.append("step"), step())[1])
+    update = trainer.diagnostics.update
+    monkeypatch.setattr(
+        trainer.diagnostics, "update", lambda *a: (events.append("diag"), update(*a))[1]
+    )
+    metrics = trainer.update(rollouts)
+    calls = 2 * len(rollouts) * rollouts[0].num_sde_steps
+    assert events == ["step"] * calls + ["diag"] * calls
+    assert {"loss", "clip/frac", "grad_norm", "optimizer_steps"} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())

@@ -22,7 +22,10 @@ from .kernels import (
     gaussian_log_prob,
     make_kernel,
 )
-from .loss import GuardedPPOLoss, KLPenalty, LossOutput
+from .kl import KLPenalty
+from .loss import GuardedPPOLoss
+from .loss_config import LossConfig
+from .output import LossOutput
 from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
 from .reweight import (
     CustomWeight,
@@ -55,6 +58,7 @@ __all__ = [
     "KLMask",
     "KLPenalty",
     "KernelStep",
+    "LossConfig",
     "LossOutput",
     "LowPrecisionOldMeanWarning",
     "MeanRevisedRatio",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["as_batch", "check_finite", "check_same_batch", "require"]
+__all__ = ["as_advantages", "as_batch", "check_finite", "check_same_batch", "require"]
 
 
 def require(value: Tensor | None, name: str, needed_by: str) -> Tensor:
@@ -64,3 +64,21 @@ def as_batch(
             f"t = 0 (data), so dt = t_next - t is negative (got max {tensor.max().item():.3g})"
         )
     return tensor
+
+
+def as_advantages(value: object, like: Tensor | None = None) -> Tensor:
+    """``advantages`` as a tensor: a tensor passes through; a list, tuple or NumPy array
+    becomes a float tensor on ``like``'s device; anything else is a ``TypeError``."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (bool, int, float)) or not hasattr(value, "__len__"):
+        raise TypeError(
+            f"`advantages` must be a (B,) tensor, list or array, got {type(value).__name__}"
+        )
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"`advantages` could not be converted to a tensor: {error}") from None
+    dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
+    device = like.device if like is not None else None
+    return tensor.to(device=device, dtype=torch.promote_types(dtype, torch.float32))

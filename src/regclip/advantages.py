@@ -12,6 +12,7 @@ rank gets back the advantages of its own samples, so a group may be split across
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -57,6 +58,8 @@ def group_advantages(
         eps: added to the std.
         unbiased: sample (ddof=1) instead of population std.
         gather: gather over ranks when ``torch.distributed`` is initialized.
+
+    A group of one sample gets advantage 0 and a ``UserWarning``.
     """
     if rewards.ndim != 1:
         raise ValueError(f"`rewards` must have shape (N,), got {tuple(rewards.shape)}")
@@ -79,6 +82,13 @@ def group_advantages(
         ids, _ = _gather_all(ids)
     _, inverse = torch.unique(ids, return_inverse=True)
     counts = torch.bincount(inverse).double()
+    if bool((counts < 2).any()):
+        warnings.warn(
+            "a group has a single sample: its advantage is 0 (nothing to compare it with); "
+            "use groups of at least 2 samples per prompt",
+            UserWarning,
+            stacklevel=2,
+        )
     means = torch.zeros_like(counts).index_add_(0, inverse, values) / counts
     centered = values - means[inverse]
     ddof = 1 if unbiased else 0

@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from ._validate import as_batch, check_finite, check_same_batch, require
+from ._validate import as_advantages, as_batch, check_finite, check_same_batch, require
 from .kernels import TransitionKernel
 from .replay import old_mean_from_noise
 
@@ -91,7 +91,7 @@ class TransitionBatch:
         advantages: Tensor,
         std: Tensor | float,
         dt: Tensor | float,
-        t: Tensor | None = None,
+        t: Tensor | float | None = None,
         mean: Tensor | None = None,
         old_mean: Tensor | None = None,
         next_sample: Tensor | None = None,
@@ -110,7 +110,12 @@ class TransitionBatch:
         ``noise`` (B, ...), the rollout's standard-normal draw, replaces ``old_mean``:
         ``old_mean = next_sample - std * noise`` in at least float32 (give one, not both).
         A 16-bit ``old_mean`` triggers a :class:`LowPrecisionOldMeanWarning`.
+
+        ``std``, ``dt`` and ``t`` may be Python floats (one value for the whole batch);
+        ``advantages`` may be a list or NumPy array (converted to a float tensor on the
+        device of ``mean``). Latents must be floating point.
         """
+        advantages = as_advantages(advantages, mean)
         if advantages.ndim != 1:
             raise ValueError(f"`advantages` must have shape (B,), got {tuple(advantages.shape)}")
         batch = advantages.shape[0]
@@ -136,12 +141,14 @@ class TransitionBatch:
             "ref_mean": ref_mean,
             "noise": noise,
         }
-        scalars = {"log_prob": log_prob, "old_log_prob": old_log_prob, "t": t}
+        scalars = {"log_prob": log_prob, "old_log_prob": old_log_prob}
         reference_shape = next((v.shape for v in latents.values() if v is not None), None)
         for name, value in latents.items():
             if value is None:
                 continue
             check_same_batch(batch, value, name)
+            if not value.is_floating_point():
+                raise ValueError(f"`{name}` must be a floating-point tensor, got {value.dtype}")
             if value.ndim < 2 or value.shape != reference_shape:
                 raise ValueError(
                     f"`{name}` has shape {tuple(value.shape)}; every latent argument must "
@@ -164,9 +171,15 @@ class TransitionBatch:
         dt_b = as_batch(
             dt, "dt", batch, like, sign="negative" if validate else None, finite=validate
         )
-        t_b = None if t is None else t.to(std_b.dtype)
-        if validate and t_b is not None and not bool(((t_b > 0) & (t_b <= 1)).all()):
-            raise ValueError("`t` must lie in (0, 1] (t = 1 is pure noise, t = 0 data)")
+        t_b = None
+        if t is not None:
+            t_b = as_batch(t, "t", batch, like, finite=validate)
+            if validate and not bool(((t_b > 0) & (t_b <= 1)).all()):
+                raise ValueError(
+                    "`t` must lie in (0, 1] (t = 1 is pure noise, t = 0 data; at t = 0 the "
+                    f"kernels divide by zero), got min {t_b.min().item():.3g}, "
+                    f"max {t_b.max().item():.3g}"
+                )
         if noise is not None:
             assert next_sample is not None
             old_mean = old_mean_from_noise(next_sample.detach(), std_b, noise)

@@ -1,8 +1,8 @@
-"""The ``regclip`` command: ``regclip demo`` (the over-optimization experiment) and
-``regclip train`` (GRPO fine-tuning of diffusers' SD3 / Flux transformers).
+"""The ``regclip`` command: ``regclip demo`` and ``regclip train``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; only the chosen one is imported.
+``run(args) -> int``; only the chosen one is imported. A subcommand whose optional
+dependencies are missing ends in one line naming the extra to install.
 """
 
 from __future__ import annotations
@@ -11,24 +11,80 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("regclip.demo.cli", "reproduce implicit over-optimization and its fix on digits"),
-    "train": ("regclip.trainer.cli", "GRPO fine-tuning of diffusers SD3 / Flux transformers"),
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "regclip.demo.cli",
+        "demo",
+        "reproduce implicit over-optimization and its fix on digits",
+    ),
+    "train": (
+        "regclip.trainer.cli",
+        "train",
+        "GRPO fine-tuning of diffusers SD3 / Flux transformers",
+    ),
 }
+"""Subcommand -> (module, extra it needs, help line)."""
+
+DESCRIPTION = (
+    "Regulated clipping (GRPO-Guard) for RL fine-tuning of flow-matching generators. "
+    "Run `regclip <command> --help` for a command's options."
+)
+
+OPTIONAL_PACKAGES = frozenset(
+    {"accelerate", "diffusers", "matplotlib", "numpy", "peft", "PIL", "tomli", "tqdm"}
+    | {"transformers", "sklearn", "triton"}
+)
+"""Top-level packages that only the extras install (the core needs torch, jaxtyping,
+beartype)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``prog: error: message`` (exit 2),
+    without the usage block (``--help`` still prints it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _missing_extra(error: ModuleNotFoundError) -> str | None:
+    """The missing optional package's name, or None when ``error`` is about another one."""
+    top = (error.name or "").split(".")[0]
+    return top if top in OPTIONAL_PACKAGES else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="regclip", description=__doc__)
+    parser = OneLineParser(prog="regclip", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text)
+    chosen: argparse.ArgumentParser | None = None
+    for name, (module_name, extra, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if args_list and args_list[0] == name:
-            importlib.import_module(module_name).add_arguments(sub_parser)
-            sub_parser.set_defaults(_module=module_name)
+            chosen = sub_parser
+            try:
+                importlib.import_module(module_name).add_arguments(sub_parser)
+            except ModuleNotFoundError as error:
+                package = _missing_extra(error)
+                if package is None:
+                    raise
+                _extra_error(sub_parser, extra, package)
+            sub_parser.set_defaults(_module=module_name, _extra=extra, _parser=sub_parser)
     args = parser.parse_args(args_list)
-    return int(importlib.import_module(args._module).run(args))
+    assert chosen is not None
+    try:
+        return int(importlib.import_module(args._module).run(args))
+    except ModuleNotFoundError as error:
+        package = _missing_extra(error)
+        if package is None:
+            raise
+        _extra_error(chosen, args._extra, package)
+
+
+def _extra_error(parser: argparse.ArgumentParser, extra: str, package: str) -> NoReturn:
+    """Exit with one line: the missing package and the extra that installs it."""
+    parser.error(f"needs {package!r}, which is not installed: pip install 'regclip[{extra}]'")
 
 
 if __name__ == "__main__":

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .loss import LossOutput
+from .output import LossOutput
 
 __all__ = ["METRIC_NAMES", "TimestepDiagnostics", "calibrate_clip_range", "metric_tensors"]
 

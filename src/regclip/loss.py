@@ -13,96 +13,22 @@ the optional KL to a reference policy's mean (:class:`KLPenalty`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property, partial
-from typing import Literal
+from functools import partial
 
-import torch
 from torch import Tensor, nn
 
+from ._validate import as_advantages
 from .batch import TransitionBatch
 from .diagnostics import metric_tensors
 from .kernels import TransitionKernel
+from .kl import KLPenalty
+from .loss_config import LossConfig, build_parts
+from .output import LossOutput
 from .ratio import IdentityRatio, RatioNormalizer
 from .reweight import TimestepReweighter, UniformWeight
 from .surrogate import ClippedSurrogate, PPOClip
 
-__all__ = ["GuardedPPOLoss", "KLPenalty", "LossOutput"]
-
-
-@dataclass(frozen=True)
-class LossOutput:
-    """Result of one :class:`GuardedPPOLoss` call."""
-
-    loss: Tensor
-    """0-d tensor to ``backward()``."""
-    log_ratio: Tensor
-    """(B,) the normalized log-ratio (with grad)."""
-    ratio: Tensor
-    """(B,) exp(log_ratio)."""
-    clipped: Tensor
-    """(B,) bool: the sample's gradient was zeroed by clipping."""
-    weight: Tensor
-    """(B,) timestep weights."""
-    advantages: Tensor
-    """(B,) advantages after clipping."""
-    clip_bounds: tuple[float | Tensor | None, float | Tensor | None]
-    """(low, high) clip ranges of the surrogate: floats, or (B,) tensors when the range
-    varies per sample (:class:`regclip.AdaptiveClip`)."""
-    compute_metric_tensors: Callable[[], dict[str, Tensor]] = field(repr=False)
-    """Computes the metrics on demand, so a loop that never reads them pays nothing."""
-
-    @cached_property
-    def metric_tensors(self) -> dict[str, Tensor]:
-        """The metrics as 0-d tensors (no device synchronisation), computed on first access."""
-        return self.compute_metric_tensors()
-
-    @cached_property
-    def metrics(self) -> dict[str, float]:
-        """Flat dict of floats with the stable names of :mod:`regclip.diagnostics`.
-
-        Computed on first access with a single device synchronisation.
-        """
-        names = list(self.metric_tensors)
-        values = torch.stack([self.metric_tensors[n].float() for n in names]).tolist()
-        return dict(zip(names, values, strict=True))
-
-
-class KLPenalty(nn.Module):
-    r"""``coef * mean_D((mu_theta - mu_ref)^2) / (2 var)``, the KL between the current and
-    reference transition Gaussians (same std), averaged over latent dims.
-
-    ``variance="transition"`` uses the true transition variance ``s_t^2``;
-    ``variance="sigma"`` uses ``sigma_t^2 = s_t^2 / |dt|``, which is what Flow-GRPO's
-    ``train_sd3.py`` divides by (its ``std_dev_t`` is sigma_t), so a ``beta`` tuned there
-    means the same here.
-    """
-
-    def __init__(
-        self, coef: float, variance: Literal["transition", "sigma"] = "transition"
-    ) -> None:
-        super().__init__()
-        if coef < 0:
-            raise ValueError(f"KL `coef` must be >= 0, got {coef}")
-        if variance not in ("transition", "sigma"):
-            raise ValueError(f"`variance` must be 'transition' or 'sigma', got {variance!r}")
-        self.coef = coef
-        self.variance = variance
-
-    def extra_repr(self) -> str:
-        return f"coef={self.coef}, variance={self.variance!r}"
-
-    def forward(self, batch: TransitionBatch) -> Tensor:
-        """(B,) per-sample KL (before ``coef``)."""
-        if batch.mean is None or batch.ref_mean is None:
-            raise ValueError("the KL penalty needs `mean` and `ref_mean`")
-        dtype = batch.compute_dtype()
-        delta = batch.mean.to(dtype) - batch.ref_mean.detach().to(dtype)
-        var = batch.std.to(dtype) ** 2
-        if self.variance == "sigma":
-            var = var / batch.dt.to(dtype).abs()
-        return (delta**2).mean(dim=tuple(range(1, delta.ndim))) / (2 * var)
+__all__ = ["GuardedPPOLoss", "KLPenalty", "LossOutput"]  # KLPenalty, LossOutput: re-exported
 
 
 class GuardedPPOLoss(nn.Module):
@@ -122,8 +48,8 @@ class GuardedPPOLoss(nn.Module):
             means given, no KL); otherwise, and on CPU, this eager path runs.
 
     Call with keyword tensors (see :class:`regclip.batch.TransitionBatch`): ``advantages``
-    (B,), ``mean``/``old_mean``/``next_sample`` (B, ...), ``std`` and ``dt`` ((B,) or
-    scalar), and optionally ``t`` (B,), ``log_prob``/``old_log_prob`` (B,) in the upstream
+    (B,) (a list or NumPy array is converted), ``mean``/``old_mean``/``next_sample`` (B, ...), ``std`` and ``dt`` ((B,) or
+    scalar), and optionally ``t`` ((B,) or scalar, in (0, 1]), ``log_prob``/``old_log_prob`` (B,) in the upstream
     mean-over-dims Gaussian convention, ``ref_mean`` (B, ...), and ``noise`` (B, ...) in
     place of ``old_mean`` (the rollout's draw, ``old_mean = next_sample - std * noise``; see
     :mod:`regclip.replay`). Returns :class:`LossOutput`.
@@ -153,6 +79,27 @@ class GuardedPPOLoss(nn.Module):
         self.validate = validate
         self.fused = fused
 
+    @classmethod
+    def from_config(
+        cls, config: LossConfig, kernel: TransitionKernel | None = None, *, validate: bool = True
+    ) -> GuardedPPOLoss:
+        """The loss a :class:`regclip.loss_config.LossConfig` describes, with fresh parts.
+
+        ``kernel`` replaces the one the config's ``sde``/``eta`` would make (presets that
+        use no kernel ignore it).
+        """
+        parts = build_parts(config, kernel)
+        return cls(
+            parts.normalizer,
+            parts.reweighter,
+            parts.surrogate,
+            kernel=parts.kernel,
+            adv_clip=parts.adv_clip,
+            kl=parts.kl,
+            validate=validate,
+            fused=parts.fused,
+        )
+
     def extra_repr(self) -> str:
         return f"adv_clip={self.adv_clip}, validate={self.validate}, fused={self.fused}"
 
@@ -165,12 +112,13 @@ class GuardedPPOLoss(nn.Module):
         mean: Tensor | None = None,
         old_mean: Tensor | None = None,
         next_sample: Tensor | None = None,
-        t: Tensor | None = None,
+        t: Tensor | float | None = None,
         log_prob: Tensor | None = None,
         old_log_prob: Tensor | None = None,
         ref_mean: Tensor | None = None,
         noise: Tensor | None = None,
     ) -> LossOutput:
+        advantages = as_advantages(advantages, mean)
         if self.kl is not None and ref_mean is None:
             raise ValueError("this loss has a KL penalty: pass `ref_mean`")
         if self.fused:

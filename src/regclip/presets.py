@@ -11,14 +11,9 @@ preset                     normalizer          reweighter            reproduces
                                                equalizing (others)   ``GRPOGuardLoss``)
 :func:`velocity_guard`     velocity-space      uniform               regclip's step-consistent
                                                                      extension
-:func:`adaptive_guard`     RatioNorm           as grpo_guard         GRPO-Guard with per-step
-                                                                     clip ranges tuned online
-:func:`kl_mask`            identity (any)      uniform (any)         Flow-DPPO (verl-omni
-                                                                     ``FlowDPPOLoss``)
 =========================  ==================  ====================  ==========================
 
-All take ``adv_clip`` (advantage clamp) and all but the last two ``clip_range`` (symmetric
-PPO clip; ``adaptive_guard`` tunes one per step, ``kl_mask`` bounds the divergence); the
+All take ``clip_range`` (symmetric PPO clip) and ``adv_clip`` (advantage clamp); the
 kernel-aware ones take ``sde``/``eta`` or a ready ``kernel`` (e.g.
 ``FlowSDE.from_sigmas(scheduler.sigmas)``, needed for the t = 1 step of a Flow-SDE). Each
 normalizer lives on its own scale, so each has its own default clip range: 1e-4 for the
@@ -26,26 +21,29 @@ raw log-ratio (Flow-GRPO, DanceGRPO), 2e-6 for RatioNorm (the public GRPO-Guard 
 and 2e-5 for the velocity-space ratio (2e-6 divided by |c_t| ~ 0.1, a 10-step schedule's
 slope). These are starting points: measure the clip engagement (``clip/*`` metrics) and
 use :func:`regclip.calibrate_clip_range` to set a target clip fraction.
+
+Every function here is a thin wrapper: it fills a :class:`regclip.LossConfig` and calls
+:meth:`regclip.GuardedPPOLoss.from_config`, the one way a loss is built from a name.
+:data:`PRESETS` maps each name to its wrapper; :func:`from_name` builds by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from torch import Tensor
 
 from .adaptive import AdaptiveClip
-from .kernels import TransitionKernel, make_kernel
-from .loss import GuardedPPOLoss, KLPenalty
-from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
-from .reweight import EqualizingWeight, InverseDtWeight, TimestepReweighter, UniformWeight
-from .surrogate import PPOClip
+from .kernels import TransitionKernel
+from .loss import GuardedPPOLoss
+from .loss_config import SDE, LossConfig, Reweight, build_parts
 from .trust_region import KLMask
 
 __all__ = [
     "PRESETS",
     "adaptive_guard",
+    "build",
     "dance_grpo",
     "flow_grpo",
     "from_name",
@@ -56,27 +54,10 @@ __all__ = [
     "velocity_guard",
 ]
 
-SDE = Literal["flow", "dance", "cps"]
 
-
-def _build(
-    normalizer: RatioNormalizer,
-    reweighter: TimestepReweighter,
-    *,
-    clip_range: float,
-    adv_clip: float | None,
-    kernel: TransitionKernel | None,
-    kl_coef: float,
-    kl_variance: Literal["transition", "sigma"] = "transition",
-) -> GuardedPPOLoss:
-    return GuardedPPOLoss(
-        normalizer,
-        reweighter,
-        PPOClip(clip_range),
-        kernel=kernel,
-        adv_clip=adv_clip,
-        kl=KLPenalty(kl_coef, kl_variance) if kl_coef > 0 else None,
-    )
+def build(config: LossConfig, kernel: TransitionKernel | None = None) -> GuardedPPOLoss:
+    """``GuardedPPOLoss.from_config(config, kernel)``."""
+    return GuardedPPOLoss.from_config(config, kernel)
 
 
 def flow_grpo(
@@ -86,15 +67,7 @@ def flow_grpo(
 
     The KL term (``kl_coef`` is upstream's ``beta``) divides by sigma_t^2 as upstream does.
     """
-    return _build(
-        IdentityRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=None,
-        kl_coef=kl_coef,
-        kl_variance="sigma",
-    )
+    return build(LossConfig("flow_grpo", clip_range, adv_clip, kl_coef))
 
 
 def dance_grpo(
@@ -105,14 +78,7 @@ def dance_grpo(
     DanceGRPO divides each timestep's loss by ``grad_accumulation * train_timesteps``;
     that is a constant of the trainer's accumulation, not of the loss.
     """
-    return _build(
-        IdentityRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=None,
-        kl_coef=kl_coef,
-    )
+    return build(LossConfig("dance_grpo", clip_range, adv_clip, kl_coef))
 
 
 def mean_revised(
@@ -124,14 +90,8 @@ def mean_revised(
     kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
     """Ablation: bias removed (``log rho + b_t``), scale and weights untouched."""
-    return _build(
-        MeanRevisedRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
+    config = LossConfig("mean_revised", clip_range, adv_clip, kl_coef, sde, eta)
+    return build(config, kernel)
 
 
 def ratio_norm(
@@ -143,14 +103,7 @@ def ratio_norm(
     kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
     """Ablation: RatioNorm (bias and scale) without timestep reweighting."""
-    return _build(
-        RatioNorm(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
+    return build(LossConfig("ratio_norm", clip_range, adv_clip, kl_coef, sde, eta), kernel)
 
 
 def grpo_guard(
@@ -158,7 +111,7 @@ def grpo_guard(
     clip_range: float = 2e-6,
     adv_clip: float | None = 5.0,
     eta: float | None = None,
-    reweight: Literal["auto", "inverse_dt", "equalizing"] = "auto",
+    reweight: Reweight = "auto",
     kl_coef: float = 0.0,
     kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
@@ -170,24 +123,8 @@ def grpo_guard(
     exactly ``mean(max(-A rho, -A clip(rho)) / -dt)`` with
     ``rho = exp(s (log_prob - old_log_prob + mean_D(Delta^2) / (2 s^2)))``.
     """
-    if reweight == "auto":
-        reweight = "inverse_dt" if sde == "flow" else "equalizing"
-    weights: dict[str, TimestepReweighter] = {
-        "inverse_dt": InverseDtWeight(),
-        "equalizing": EqualizingWeight(),
-    }
-    if reweight not in weights:
-        raise ValueError(
-            f"`reweight` must be 'auto', 'inverse_dt' or 'equalizing', got {reweight!r}"
-        )
-    return _build(
-        RatioNorm(),
-        weights[reweight],
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
+    config = LossConfig("grpo_guard", clip_range, adv_clip, kl_coef, sde, eta, reweight)
+    return build(config, kernel)
 
 
 def velocity_guard(
@@ -200,29 +137,8 @@ def velocity_guard(
 ) -> GuardedPPOLoss:
     """Step-consistent guard: ``mean_D(eps Delta) / |c_t|`` (normalization and reweighting
     in one), no further weights. Needs ``t`` in the call."""
-    return _build(
-        VelocityRatio(),
-        UniformWeight(),
-        clip_range=clip_range,
-        adv_clip=adv_clip,
-        kernel=kernel or make_kernel(sde, eta),
-        kl_coef=kl_coef,
-    )
-
-
-def _guard_weight(sde: SDE, reweight: str) -> TimestepReweighter:
-    if reweight == "auto":
-        reweight = "inverse_dt" if sde == "flow" else "equalizing"
-    weights: dict[str, TimestepReweighter] = {
-        "uniform": UniformWeight(),
-        "inverse_dt": InverseDtWeight(),
-        "equalizing": EqualizingWeight(),
-    }
-    if reweight not in weights:
-        raise ValueError(
-            f"`reweight` must be 'auto', 'uniform', 'inverse_dt' or 'equalizing', got {reweight!r}"
-        )
-    return weights[reweight]
+    config = LossConfig("velocity_guard", clip_range, adv_clip, kl_coef, sde, eta)
+    return build(config, kernel)
 
 
 def adaptive_guard(
@@ -233,11 +149,11 @@ def adaptive_guard(
     gain: float = 1.0,
     adv_clip: float | None = 5.0,
     eta: float | None = None,
-    reweight: Literal["auto", "uniform", "inverse_dt", "equalizing"] = "auto",
+    reweight: Reweight = "auto",
     kl_coef: float = 0.0,
     kernel: TransitionKernel | None = None,
 ) -> GuardedPPOLoss:
-    """GRPO-Guard (RatioNorm + the same reweighting as :func:`grpo_guard`) with an
+    """GRPO-Guard (RatioNorm and :func:`grpo_guard`'s reweighting) with an
     :class:`regclip.AdaptiveClip` per-step clip range in place of the fixed one.
 
     ``times`` (T,) is the sampling schedule (each step's start time); every call needs
@@ -247,21 +163,32 @@ def adaptive_guard(
     """
     if times is None:
         raise ValueError("adaptive_guard needs the sampling schedule `times` (T,)")
+    config = LossConfig("grpo_guard", clip_range, adv_clip, kl_coef, sde, eta, reweight)
+    parts = build_parts(config, kernel)
     return GuardedPPOLoss(
-        RatioNorm(),
-        _guard_weight(sde, reweight),
+        parts.normalizer,
+        parts.reweighter,
         AdaptiveClip(times, target=target, init=clip_range, gain=gain),
-        kernel=kernel or make_kernel(sde, eta),
-        adv_clip=adv_clip,
-        kl=KLPenalty(kl_coef) if kl_coef > 0 else None,
+        kernel=parts.kernel,
+        adv_clip=parts.adv_clip,
+        kl=parts.kl,
     )
+
+
+_KL_MASK_PARTS = {
+    ("identity", "uniform"): "dance_grpo",
+    ("ratio_norm", "uniform"): "ratio_norm",
+    ("ratio_norm", "auto"): "grpo_guard",
+    ("velocity", "uniform"): "velocity_guard",
+}
+"""kl_mask's (normalizer, reweight) -> the preset whose normalizer and weights it takes."""
 
 
 def kl_mask(
     bound: float = 1e-5,
     sde: SDE = "flow",
     normalizer: Literal["identity", "ratio_norm", "velocity"] = "identity",
-    reweight: Literal["auto", "uniform", "inverse_dt", "equalizing"] = "uniform",
+    reweight: Literal["auto", "uniform"] = "uniform",
     asymmetric: bool = True,
     adv_clip: float | None = 5.0,
     eta: float | None = None,
@@ -273,24 +200,27 @@ def kl_mask(
 
     The defaults (vanilla ratio, uniform weights, asymmetric mask) are verl-omni's
     ``FlowDPPOLoss``; ``normalizer``/``reweight`` compose it with the guard's parts
-    (``reweight="auto"`` picks as :func:`grpo_guard` does). Needs the means in the call.
+    (``ratio_norm`` with ``auto`` is GRPO-Guard's). Needs the means in the call.
     """
-    normalizers = {"identity": IdentityRatio, "ratio_norm": RatioNorm, "velocity": VelocityRatio}
-    if normalizer not in normalizers:
+    key = (normalizer, reweight)
+    if key not in _KL_MASK_PARTS:
         raise ValueError(
-            f"`normalizer` must be 'identity', 'ratio_norm' or 'velocity', got {normalizer!r}"
+            f"kl_mask: (normalizer, reweight) must be one of {sorted(_KL_MASK_PARTS)}, got {key}"
         )
+    config = LossConfig(_KL_MASK_PARTS[key], None, adv_clip, kl_coef, sde, eta)
+    parts = build_parts(config, kernel)
+    needs_kernel = normalizer != "identity" or reweight != "uniform"
     return GuardedPPOLoss(
-        normalizers[normalizer](),
-        _guard_weight(sde, reweight),
+        parts.normalizer,
+        parts.reweighter,
         KLMask(bound, asymmetric=asymmetric),
-        kernel=kernel or make_kernel(sde, eta),
-        adv_clip=adv_clip,
-        kl=KLPenalty(kl_coef) if kl_coef > 0 else None,
+        kernel=parts.kernel if needs_kernel else kernel,
+        adv_clip=parts.adv_clip,
+        kl=parts.kl,
     )
 
 
-PRESETS = {
+PRESETS: dict[str, Callable[..., GuardedPPOLoss]] = {
     "flow_grpo": flow_grpo,
     "dance_grpo": dance_grpo,
     "mean_revised": mean_revised,
@@ -300,10 +230,11 @@ PRESETS = {
     "adaptive_guard": adaptive_guard,
     "kl_mask": kl_mask,
 }
+"""Name -> keyword wrapper (the names of :data:`regclip.loss_config.PRESET_SPECS`)."""
 
 
 def from_name(name: str, **kwargs: object) -> GuardedPPOLoss:
     """Build a preset by name (keys of :data:`PRESETS`) with keyword overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name](**kwargs)  # type: ignore[operator]
+    return PRESETS[name](**kwargs)

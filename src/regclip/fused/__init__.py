@@ -19,20 +19,37 @@ Any normalizer and reweighter work: their per-sample scale and weight are comput
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .._validate import check_finite
 from ..batch import TransitionBatch
-from ..reweight import InverseDtWeight, UniformWeight
+from ..kernels import TransitionKernel
+from ..output import LossOutput
+from ..ratio import RatioNormalizer
+from ..reweight import InverseDtWeight, TimestepReweighter, UniformWeight
 from ..surrogate import ClippedSurrogate
 
-if TYPE_CHECKING:
-    from ..loss import GuardedPPOLoss, LossOutput
+__all__ = ["FusableLoss", "fused_forward", "is_available", "supports"]
 
-__all__ = ["fused_forward", "is_available", "supports"]
+
+class FusableLoss(Protocol):
+    """The parts of a :class:`regclip.GuardedPPOLoss` the fused path reads (a protocol, so
+    this backend does not import the loss that dispatches to it)."""
+
+    normalizer: RatioNormalizer
+    reweighter: TimestepReweighter
+    surrogate: ClippedSurrogate
+    kernel: TransitionKernel | None
+    adv_clip: float | None
+    validate: bool
+
+    @property
+    def kl(self) -> object | None:
+        """The KL penalty, if any (the fused path has none)."""
+
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,7 +66,7 @@ def is_available(device: torch.device | str = "cuda") -> bool:
 
 
 def supports(
-    loss_fn: GuardedPPOLoss,
+    loss_fn: FusableLoss,
     *,
     mean: Tensor | None,
     old_mean: Tensor | None,
@@ -79,7 +96,7 @@ def supports(
 
 
 def fused_forward(
-    loss_fn: GuardedPPOLoss,
+    loss_fn: FusableLoss,
     *,
     advantages: Tensor,
     std: Tensor | float,
@@ -87,7 +104,7 @@ def fused_forward(
     mean: Tensor | None,
     old_mean: Tensor | None,
     next_sample: Tensor | None,
-    t: Tensor | None = None,
+    t: Tensor | float | None = None,
     log_prob: Tensor | None = None,
     old_log_prob: Tensor | None = None,
     noise: Tensor | None = None,
@@ -97,7 +114,6 @@ def fused_forward(
     Same keywords as :meth:`regclip.GuardedPPOLoss.forward` (``log_prob``/``old_log_prob``
     are accepted and unused: the closed form needs only the means).
     """
-    from ..loss import LossOutput
     from .function import STAT_NAMES, SurrogateConfig, fused_guard
 
     extra = (advantages, std, dt, t)

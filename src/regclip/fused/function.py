@@ -7,6 +7,7 @@ Shapes: ``mean``, ``other`` (the old mean, or the rollout noise when ``noise=Tru
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -52,25 +53,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_PROGRAMS: dict[torch.device, int] = {}
-_COUNTERS: dict[torch.device, Tensor] = {}
-
-
-def _counter(device: torch.device) -> Tensor:
-    """The device's finalize counter: zero between calls (the kernel resets it)."""
-    if device not in _COUNTERS:
-        _COUNTERS[device] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _COUNTERS[device]
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor count (a read-only cache of a hardware property)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _programs_target(device: torch.device) -> int:
     """Programs per launch: a few per multiprocessor (8 in the CPU interpreter)."""
     if device.type != "cuda":
         return 8  # the interpreter runs programs one by one: few, long ones
-    if device not in _PROGRAMS:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        _PROGRAMS[device] = PROGRAMS_PER_SM * sms
-    return _PROGRAMS[device]
+    return PROGRAMS_PER_SM * _multiprocessors(device)
 
 
 def _chunking(batch: int, dim: int, device: torch.device) -> tuple[int, int]:
@@ -129,8 +122,11 @@ def _forward(
         BLOCK_B=block_b,
         BLOCK_C=block_c,
     )
+    # the finalize counter belongs to this call: concurrent calls (other losses, other
+    # streams) never share one
+    counter = torch.zeros(1, dtype=torch.float32, device=device)
     guard_forward_kernel[(chunks, batch)](
-        mean, other, next_sample, *inputs, _counter(device), work, *outputs,
+        mean, other, next_sample, *inputs, counter, work, *outputs,
         batch, chunks, dim, chunk, *scalars,
         NOISE=noise, FINALIZE=cfg.finalize_in_reduction, BLOCK=BLOCK, **flags,
         num_warps=4,

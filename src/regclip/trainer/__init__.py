@@ -8,54 +8,56 @@
   ``GuardedPPOLoss``, LoRA / full fine-tuning, accumulation, EMA, checkpoints).
 * :mod:`.rewards`, :mod:`.prompts`, :mod:`.config`, :mod:`.build`, :mod:`.cli`.
 
-See ``docs/training.md``.
+The names below load their module on first use, so ``regclip train --help`` works
+without the ``train`` extra. See ``docs/training.md``.
 """
 
-from .arch import (
-    ARCHITECTURES,
-    Architecture,
-    FluxArchitecture,
-    Guidance,
-    PromptEmbeds,
-    SD3Architecture,
-    get_architecture,
-    model_config,
-)
-from .build import Components, build_components, tiny_vae
-from .config import TrainConfig
-from .prompts import PromptSet, encode_prompts, random_prompt_set
-from .rewards import REWARDS, RewardFn, colorfulness, jpeg_compressibility, latent_std, load_reward
-from .rollout import Rollout, SamplerConfig, recompute_transition, sample_rollout
-from .trainer import GRPOTrainer, build_kernel, build_loss, decode_images
+from __future__ import annotations
 
-__all__ = [
-    "ARCHITECTURES",
-    "REWARDS",
-    "Architecture",
-    "Components",
-    "FluxArchitecture",
-    "GRPOTrainer",
-    "Guidance",
-    "PromptEmbeds",
-    "PromptSet",
-    "RewardFn",
-    "Rollout",
-    "SD3Architecture",
-    "SamplerConfig",
-    "TrainConfig",
-    "build_components",
-    "build_kernel",
-    "build_loss",
-    "colorfulness",
-    "decode_images",
-    "encode_prompts",
-    "get_architecture",
-    "jpeg_compressibility",
-    "latent_std",
-    "load_reward",
-    "model_config",
-    "random_prompt_set",
-    "recompute_transition",
-    "sample_rollout",
-    "tiny_vae",
-]
+import importlib
+from typing import Any
+
+_HOMES: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "ARCHITECTURES",
+            "Architecture",
+            "FluxArchitecture",
+            "Guidance",
+            "PromptEmbeds",
+            "SD3Architecture",
+            "get_architecture",
+            "model_config",
+        ),
+        "arch",
+    ),
+    **dict.fromkeys(("Components", "build_components", "tiny_vae"), "build"),
+    "TrainConfig": "config",
+    **dict.fromkeys(("PromptSet", "encode_prompts", "random_prompt_set"), "prompts"),
+    **dict.fromkeys(
+        (
+            "REWARDS",
+            "RewardFn",
+            "colorfulness",
+            "jpeg_compressibility",
+            "latent_std",
+            "load_reward",
+        ),
+        "rewards",
+    ),
+    **dict.fromkeys(
+        ("Rollout", "SamplerConfig", "recompute_transition", "sample_rollout"), "rollout"
+    ),
+    **dict.fromkeys(("GRPOTrainer", "build_kernel", "build_loss", "decode_images"), "trainer"),
+}
+"""Public name -> the submodule defining it."""
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -40,11 +40,13 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def tiny_vae(seed: int = 0) -> Any:
-    """A random ``AutoencoderKL`` of :data:`TINY_VAE_CONFIG`."""
+    """A random ``AutoencoderKL`` of :data:`TINY_VAE_CONFIG`, its weights drawn from
+    ``seed`` without touching the caller's global random state."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(**TINY_VAE_CONFIG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**TINY_VAE_CONFIG)
 
 
 def vae_scale_factor(vae: Any) -> int:
@@ -79,8 +81,9 @@ def _transformer(config: TrainConfig, arch: Architecture, dtype: torch.dtype) ->
         if spec not in ("tiny", "full"):
             raise ValueError(f"`transformer_config` must be 'tiny', 'full' or a dict, got {spec!r}")
         spec = arch.tiny_config if spec == "tiny" else arch.full_config
-    torch.manual_seed(config.seed)
-    model = arch.build(dict(spec))
+    with torch.random.fork_rng(devices=[]):  # seeded weights, caller's RNG untouched
+        torch.manual_seed(config.seed)
+        model = arch.build(dict(spec))
     return model if dtype == torch.float32 else model.to(dtype)
 
 

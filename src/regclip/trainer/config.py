@@ -1,6 +1,9 @@
 """``TrainConfig``: every knob of ``regclip train``, loadable from JSON or TOML.
 
-Field names are the config-file keys and (with ``-`` for ``_``) the command-line flags.
+Field names are the config-file keys and (with ``-`` for ``_``) the command-line flags;
+each field's ``metadata`` carries its help text, its choices and its allowed range, which
+``regclip train --help`` prints and both the CLI and :meth:`TrainConfig.__post_init__`
+check. A bad value raises :class:`ConfigError`, which names the field.
 Defaults follow Flow-GRPO's SD3.5-M recipe (512 px, 10 steps, CFG 4.5, LoRA r=32/alpha=64,
 lr 3e-4, ``global_std``); :meth:`TrainConfig.smoke` is the tiny CPU configuration.
 """
@@ -13,7 +16,23 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_LORA_TARGETS", "TrainConfig"]
+from ..presets import PRESETS
+
+__all__ = [
+    "ARCH_NAMES",
+    "DEFAULT_LORA_TARGETS",
+    "REWARD_NAMES",
+    "ConfigError",
+    "Range",
+    "TrainConfig",
+]
+
+ARCH_NAMES: tuple[str, ...] = ("sd3", "flux")
+"""The architectures of :data:`regclip.trainer.arch.ARCHITECTURES` (kept here so the
+config and ``--help`` need no diffusers)."""
+REWARD_NAMES: tuple[str, ...] = ("jpeg_compressibility", "colorfulness", "latent_std")
+"""The built-in rewards of :data:`regclip.trainer.rewards.REWARDS`."""
+SDE_NAMES: tuple[str, ...] = ("flow", "dance", "cps")
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "attn.to_q",
@@ -28,100 +47,215 @@ DEFAULT_LORA_TARGETS: tuple[str, ...] = (
 """The attention projections Flow-GRPO's SD3 LoRA targets (also present in Flux blocks)."""
 
 
+class ConfigError(ValueError):
+    """A bad :class:`TrainConfig` value; ``field`` names it (the CLI prints its flag)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"`{field_name}` {message}")
+        self.field = field_name
+        self.detail = message
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: ``low``/``high`` bounds, open or closed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return "must be " + " and ".join(parts)
+
+
+AT_LEAST_1 = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, low_open=True)
+
+
+def _field(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
+           range: Range | None = None, factory: Any = None) -> Any:  # fmt: skip
+    """A dataclass field whose metadata holds its help text, choices and range."""
+    metadata = {"help": help, "choices": choices, "range": range}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     # model
-    arch: str = "sd3"
-    """``"sd3"`` (SD3Transformer2DModel) or ``"flux"`` (FluxTransformer2DModel)."""
-    pretrained: str | None = None
-    """A diffusers pipeline directory (``transformer/``, ``vae/``, text encoders)."""
-    transformer_config: str | dict[str, Any] | None = None
-    """Random-weight transformer instead of ``pretrained``: ``"tiny"``, ``"full"`` or a dict."""
-    vae: str | None = "pretrained"
-    """``"pretrained"`` (``pretrained/vae``), ``"tiny"`` (random, smoke), or ``None`` /
-    ``"none"``: the
-    reward sees the final latents (B, C, h, w) instead of images."""
+    arch: str = _field("sd3", "transformer architecture: sd3 (SD3Transformer2DModel) or flux "
+                       "(FluxTransformer2DModel)", choices=ARCH_NAMES)  # fmt: skip
+    pretrained: str | None = _field(
+        None, "a diffusers pipeline directory (transformer/, vae/, text encoders)"
+    )
+    transformer_config: str | dict[str, Any] | None = _field(
+        None, "random-weight transformer instead of --pretrained: 'tiny', 'full' or a JSON dict"
+    )
+    vae: str | None = _field(
+        "pretrained",
+        "'pretrained' (from --pretrained), 'tiny' (random, smoke runs) or 'none': the reward "
+        "then sees the final latents instead of images",
+    )
     # prompts
-    embeddings: str | None = None
-    """Precomputed embeddings file (see :mod:`regclip.trainer.prompts`); written here when
-    ``prompts`` is given and the file does not exist yet."""
-    prompts: str | None = None
-    """Text file, one prompt per line, encoded with the pipeline's text encoders."""
-    random_prompts: int = 0
-    """Use this many random embeddings (smoke tests, benchmarks) instead of real prompts."""
+    embeddings: str | None = _field(
+        None,
+        "precomputed prompt-embeddings file; written here when --prompts is given and the "
+        "file does not exist yet",
+    )
+    prompts: str | None = _field(
+        None, "text file, one prompt per line, encoded with the pipeline's text encoders"
+    )
+    random_prompts: int = _field(
+        0, "use this many random prompt embeddings instead of real prompts (smoke runs)",
+        range=AT_LEAST_0,
+    )  # fmt: skip
     # sampling
-    resolution: int = 512
-    num_steps: int = 10
-    sde_steps: list[int] | None = None
-    """Indices of the stochastic (trained) steps; default all but the last."""
-    sde: str = "flow"
-    eta: float | None = None
-    cfg_scale: float = 4.5
-    """Classifier-free guidance scale (SD3 ``guidance_scale``, Flux ``true_cfg_scale``)."""
-    embedded_guidance: float = 3.5
-    """Flux-dev's embedded guidance value (ignored by SD3)."""
-    store_old_means: bool = True
-    """Keep the rollout means; False regenerates them from the recorded noise seeds."""
+    resolution: int = _field(512, "image height and width in pixels", range=Range(16))
+    num_steps: int = _field(10, "sampling steps per image", range=Range(2))
+    sde_steps: list[int] | None = _field(
+        None, "indices of the stochastic (trained) steps, 0 = first; default all but the last"
+    )
+    sde: str = _field(
+        "flow", "SDE of the rollout: flow (Flow-GRPO), dance (DanceGRPO) or cps",
+        choices=SDE_NAMES,
+    )  # fmt: skip
+    eta: float | None = _field(
+        None, "SDE noise level (default: the SDE's upstream default, 0.7 / 0.3 / 0.7)",
+        range=POSITIVE,
+    )  # fmt: skip
+    cfg_scale: float = _field(
+        4.5, "classifier-free guidance scale (SD3 guidance_scale, Flux true_cfg_scale); "
+        "1 turns it off", range=Range(1),
+    )  # fmt: skip
+    embedded_guidance: float = _field(
+        3.5, "Flux-dev's embedded guidance value (ignored by SD3)", range=AT_LEAST_0
+    )
+    store_old_means: bool = _field(
+        True, "keep the rollout means (--no-store-old-means regenerates them from the noise "
+        "seeds)",
+    )  # fmt: skip
     # batches
-    group_size: int = 8
-    prompts_per_iteration: int = 2
-    batch_size: int = 4
-    """Samples per rollout batch = per training micro-batch (same layout in both passes)."""
-    accumulate_batches: int = 1
-    """Micro-batches per optimizer step (gradients also accumulate over all SDE steps)."""
-    passes: int = 1
-    """Optimizer passes over each rollout (upstream ``num_inner_epochs``)."""
+    group_size: int = _field(
+        8, "samples per prompt; advantages compare the samples of one prompt, so >= 2",
+        range=Range(2),
+    )  # fmt: skip
+    prompts_per_iteration: int = _field(2, "prompts per iteration", range=AT_LEAST_1)
+    batch_size: int = _field(
+        4, "samples per rollout batch and per training micro-batch", range=AT_LEAST_1
+    )
+    accumulate_batches: int = _field(
+        1, "micro-batches per optimizer step (gradients also accumulate over the SDE steps)",
+        range=AT_LEAST_1,
+    )  # fmt: skip
+    passes: int = _field(
+        1, "optimizer passes over each rollout (upstream num_inner_epochs)", range=AT_LEAST_1
+    )
     # objective
-    preset: str = "grpo_guard"
-    clip_range: float | None = None
-    adv_clip: float = 5.0
-    kl_coef: float = 0.0
-    advantage_std: str = "global"
-    reward: str = "jpeg_compressibility"
+    preset: str = _field("grpo_guard", "the loss, a regclip preset", choices=tuple(sorted(PRESETS)))
+    clip_range: float | None = _field(
+        None, "PPO clip range (default: the preset's own, e.g. 2e-6 for grpo_guard)",
+        range=POSITIVE,
+    )  # fmt: skip
+    adv_clip: float = _field(5.0, "clamp advantages to [-adv_clip, adv_clip]", range=POSITIVE)
+    kl_coef: float = _field(
+        0.0, "weight of the KL to the adapter-free base model (0: no KL; LoRA only)",
+        range=AT_LEAST_0,
+    )  # fmt: skip
+    advantage_std: str = _field(
+        "global", "normalize advantages by the std of all rewards (global) or of each "
+        "prompt's group (group)", choices=("global", "group"),
+    )  # fmt: skip
+    reward: str = _field(
+        "jpeg_compressibility",
+        f"reward: one of {', '.join(REWARD_NAMES)}, or 'package.module:function'",
+    )
     # optimisation
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
-    lora_rank: int = 32
-    lora_alpha: int = 64
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    full_finetune: bool = False
-    mixed_precision: str = "bf16"
-    weight_dtype: str = "bfloat16"
-    gradient_checkpointing: bool = False
-    ema_decay: float | None = None
-    cudnn_attention: bool = True
-    """Allow cuDNN scaled-dot-product attention. Set False if the backward pass dies with
-    "illegal memory access" (seen for full-size Flux on an H100 with torch 2.11)."""
+    lr: float = _field(3e-4, "AdamW learning rate", range=POSITIVE)
+    weight_decay: float = _field(1e-4, "AdamW weight decay", range=AT_LEAST_0)
+    max_grad_norm: float = _field(1.0, "gradient-norm clip", range=POSITIVE)
+    lora_rank: int = _field(32, "LoRA rank", range=AT_LEAST_1)
+    lora_alpha: int = _field(64, "LoRA alpha", range=AT_LEAST_1)
+    lora_targets: list[str] = _field(
+        help="module names the LoRA adapts (default: the attention projections)",
+        factory=lambda: list(DEFAULT_LORA_TARGETS),
+    )
+    full_finetune: bool = _field(False, "train every transformer weight instead of a LoRA")
+    mixed_precision: str = _field(
+        "bf16", "accelerate's mixed precision", choices=("no", "bf16", "fp16")
+    )
+    weight_dtype: str = _field(
+        "bfloat16", "dtype of the frozen weights", choices=("float32", "bfloat16", "float16")
+    )
+    gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass")
+    ema_decay: float | None = _field(
+        None, "keep an EMA of the trained weights with this decay (default: none)",
+        range=Range(0, 1, low_open=True, high_open=True),
+    )  # fmt: skip
+    cudnn_attention: bool = _field(
+        True,
+        "allow cuDNN scaled-dot-product attention; --no-cudnn-attention turns it off for the "
+        "whole process (a workaround for 'illegal memory access' in the Flux backward seen on "
+        "an H100 with torch 2.11)",
+    )
     # run
-    iterations: int = 100
-    output_dir: str = "runs/train"
-    checkpoint_every: int = 10
-    resume: str | None = None
-    """A checkpoint directory, or ``"latest"`` (the newest under ``output_dir``)."""
-    seed: int = 0
-    device: str | None = None
+    iterations: int = _field(100, "training iterations (rollout + update)", range=AT_LEAST_1)
+    output_dir: str = _field("runs/train", "folder for metrics.jsonl and checkpoints")
+    checkpoint_every: int = _field(
+        10, "save a checkpoint every this many iterations (0: only at the end)",
+        range=AT_LEAST_0,
+    )  # fmt: skip
+    resume: str | None = _field(
+        None, "a checkpoint folder to resume from, or 'latest' (the newest in --output-dir)"
+    )
+    seed: int = _field(0, "seed of the prompts, rollouts and random weights", range=AT_LEAST_0)
+    device: str | None = _field(
+        None, "device, e.g. cuda, cuda:1 or cpu (default: accelerate's choice, cuda)"
+    )
 
     def __post_init__(self) -> None:
-        if self.arch not in ("sd3", "flux"):
-            raise ValueError(f"`arch` must be 'sd3' or 'flux', got {self.arch!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(
-                f"`mixed_precision` must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            choices, bounds = f.metadata["choices"], f.metadata["range"]
+            if choices is not None and value not in choices:
+                raise ConfigError(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
+            if bounds is not None and not bounds.contains(value):
+                raise ConfigError(f.name, f"{bounds.describe()}, got {value!r}")
+        if ":" not in self.reward and self.reward not in REWARD_NAMES:
+            raise ConfigError(
+                "reward",
+                f"must be one of {', '.join(REWARD_NAMES)} or 'package.module:function', "
+                f"got {self.reward!r}",
             )
-        if self.advantage_std not in ("group", "global"):
-            raise ValueError(
-                f"`advantage_std` must be 'group' or 'global', got {self.advantage_std!r}"
-            )
-        for name in (
-            "group_size",
-            "prompts_per_iteration",
-            "batch_size",
-            "accumulate_batches",
-            "passes",
+        if self.sde_steps is not None:
+            bad = [k for k in self.sde_steps if not 0 <= k < self.num_steps]
+            if bad or not self.sde_steps:
+                raise ConfigError(
+                    "sde_steps",
+                    f"must list step indices in [0, {self.num_steps - 1}], got {self.sde_steps}",
+                )
+        if isinstance(self.transformer_config, str) and self.transformer_config not in (
+            "tiny",
+            "full",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1")
+            raise ConfigError(
+                "transformer_config", f"must be 'tiny', 'full' or a dict, got "
+                f"{self.transformer_config!r}",
+            )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,7 +265,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}")
+            raise ConfigError(unknown[0], f"is not a config key (unknown keys: {unknown})")
         return cls(**data)
 
     @classmethod
@@ -152,7 +286,8 @@ class TrainConfig:
 
     @classmethod
     def smoke(cls, arch: str, **overrides: Any) -> TrainConfig:
-        """Tiny random-weight CPU run: rollout + one update in seconds."""
+        """Tiny random-weight CPU run: rollout + one update in seconds, written to
+        ``runs/smoke/<arch>`` unless ``output_dir`` is given."""
         base: dict[str, Any] = {
             "arch": arch,
             "transformer_config": "tiny",
@@ -171,7 +306,7 @@ class TrainConfig:
             "iterations": 1,
             "checkpoint_every": 1,
             "device": "cpu",
-            "output_dir": "runs/smoke",
+            "output_dir": f"runs/smoke/{arch}",
             "cfg_scale": 4.5 if arch == "sd3" else 1.0,
             "clip_range": None,
         }

@@ -22,10 +22,9 @@ the same autocast to the prepared model, so both passes compute in the same prec
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
-from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import presets
 from ..advantages import group_advantages
 from ..diagnostics import TimestepDiagnostics
 from ..kernels import FlowSDE, TransitionKernel, make_kernel
-from ..loss import GuardedPPOLoss, LossOutput
+from ..loss import GuardedPPOLoss
+from ..loss_config import LossConfig
+from ..output import LossOutput
 from .arch import Guidance, model_config
 from .build import Components, dtype_from_name
 from .config import TrainConfig
@@ -64,19 +64,16 @@ def build_loss(
     adv_clip: float | None = 5.0,
     kl_coef: float = 0.0,
 ) -> GuardedPPOLoss:
-    """``regclip.presets.from_name`` with the kernel handed to the presets that use one."""
-    if preset not in presets.PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets.PRESETS)}")
-    factory: Any = presets.PRESETS[preset]
-    params = inspect.signature(factory).parameters
-    kwargs: dict[str, Any] = {"adv_clip": adv_clip, "kl_coef": kl_coef}
-    if clip_range is not None:
-        kwargs["clip_range"] = clip_range
-    if "kernel" in params:
-        kwargs["kernel"] = kernel
-    if "sde" in params:
-        kwargs["sde"] = sde
-    return presets.from_name(preset, **kwargs)
+    """The preset's loss through :meth:`GuardedPPOLoss.from_config`, with the trainer's
+    kernel (presets that use none ignore it)."""
+    config = LossConfig(
+        preset,
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kl_coef=kl_coef,
+        sde=sde,  # type: ignore[arg-type]
+    )
+    return GuardedPPOLoss.from_config(config, kernel)
 
 
 @torch.no_grad()
@@ -93,20 +90,23 @@ def decode_images(vae: Any, latents: Tensor) -> Tensor:
 
 def select_trainable(transformer: nn.Module, config: TrainConfig) -> list[nn.Parameter]:
     """Freeze ``transformer`` and return what trains: a fresh float32 LoRA adapter
-    (peft, via diffusers' ``add_adapter``; B = 0 so the policy starts at the base model)
+    (peft, via diffusers' ``add_adapter``; B = 0 so the policy starts at the base model;
+    A drawn from ``config.seed``)
     or, with ``config.full_finetune``, every transformer weight."""
     transformer.requires_grad_(config.full_finetune)
     if not config.full_finetune:
         from peft import LoraConfig
 
-        transformer.add_adapter(  # type: ignore[operator]
-            LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                init_lora_weights="gaussian",
-                target_modules=list(config.lora_targets),
+        with torch.random.fork_rng(devices=[]):  # seeded adapter, caller's RNG untouched
+            torch.manual_seed(_seed(config.seed, 4))
+            transformer.add_adapter(  # type: ignore[operator]
+                LoraConfig(
+                    r=config.lora_rank,
+                    lora_alpha=config.lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(config.lora_targets),
+                )
             )
-        )
         for param in transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
@@ -116,6 +116,20 @@ def select_trainable(transformer: nn.Module, config: TrainConfig) -> list[nn.Par
 def _seed(*keys: int) -> int:
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
     return int(state[0] % (2**63))
+
+
+def _detached(out: LossOutput) -> LossOutput:
+    """The per-sample values of ``out`` without its autograd graph (for diagnostics read
+    after the update)."""
+    return replace(
+        out,
+        loss=out.loss.detach(),
+        log_ratio=out.log_ratio.detach(),
+        ratio=out.ratio.detach(),
+        weight=out.weight.detach(),
+        advantages=out.advantages.detach(),
+        compute_metric_tensors=dict,
+    )
 
 
 class GRPOTrainer:
@@ -306,8 +320,14 @@ class GRPOTrainer:
         return ref.mean
 
     def update(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """All optimizer passes over ``rollouts``; returns mean loss metrics and grad norm."""
-        sums: dict[str, float] = defaultdict(float)
+        """All optimizer passes over ``rollouts``; returns mean loss metrics and grad norm.
+
+        Metrics and per-timestep diagnostics accumulate on the device; they are read
+        (one device synchronisation) once, after the last pass.
+        """
+        sums: dict[str, Tensor] = {}
+        norms: list[Tensor] = []
+        outputs: list[tuple[int, LossOutput]] = []
         calls, steps = 0, 0
         g = torch.Generator().manual_seed(_seed(self.config.seed, self.iteration, 3))
         self.model.train()
@@ -322,20 +342,27 @@ class GRPOTrainer:
                             norm = self.accelerator.clip_grad_norm_(
                                 self.trainable, self.config.max_grad_norm
                             )
-                            sums["grad_norm"] += float(norm)
+                            if norm is not None:
+                                norms.append(torch.as_tensor(norm).detach().float())
                             steps += 1
                         self.optimizer.step()
                         self.optimizer.zero_grad()
                     if self.accelerator.sync_gradients and self.ema is not None:
                         self.ema.step(self.trainable)
-                    self.diagnostics.update(int(rollout.steps[k]), out)
-                    for name, value in out.metrics.items():
-                        sums[name] += value
+                    for name, value in out.metric_tensors.items():
+                        value = value.detach().float()
+                        sums[name] = sums[name] + value if name in sums else value
+                    outputs.append((int(rollout.steps[k]), _detached(out)))
                     calls += 1
-        metrics = {name: value / calls for name, value in sums.items() if name != "grad_norm"}
-        if steps:
-            metrics["grad_norm"] = sums["grad_norm"] / steps
+        names = list(sums)
+        values = [sums[n] / calls for n in names]
+        if norms:
+            names.append("grad_norm")
+            values.append(torch.stack([n.to(self.device) for n in norms]).mean())
+        metrics = dict(zip(names, torch.stack(values).tolist(), strict=True)) if values else {}
         metrics["optimizer_steps"] = float(steps)
+        for step, out in outputs:
+            self.diagnostics.update(step, out)
         return metrics
 
     def train_iteration(self) -> dict[str, Any]:
