@@ -38,6 +38,8 @@ from .adaptive import AdaptiveClip
 from .kernels import TransitionKernel
 from .loss import GuardedPPOLoss
 from .loss_config import SDE, LossConfig, Reweight, build_parts
+from .ratio import IdentityRatio, RatioNorm, RatioNormalizer, VelocityRatio
+from .reweight import UniformWeight
 from .trust_region import KLMask
 
 __all__ = [
@@ -175,20 +177,18 @@ def adaptive_guard(
     )
 
 
-_KL_MASK_PARTS = {
-    ("identity", "uniform"): "dance_grpo",
-    ("ratio_norm", "uniform"): "ratio_norm",
-    ("ratio_norm", "auto"): "grpo_guard",
-    ("velocity", "uniform"): "velocity_guard",
+_KL_MASK_NORMALIZERS: dict[str, Callable[[], RatioNormalizer]] = {
+    "identity": IdentityRatio,
+    "ratio_norm": RatioNorm,
+    "velocity": VelocityRatio,
 }
-"""kl_mask's (normalizer, reweight) -> the preset whose normalizer and weights it takes."""
 
 
 def kl_mask(
     bound: float = 1e-5,
     sde: SDE = "flow",
     normalizer: Literal["identity", "ratio_norm", "velocity"] = "identity",
-    reweight: Literal["auto", "uniform"] = "uniform",
+    reweight: Literal["auto", "uniform", "inverse_dt", "equalizing"] = "uniform",
     asymmetric: bool = True,
     adv_clip: float | None = 5.0,
     eta: float | None = None,
@@ -202,23 +202,21 @@ def kl_mask(
     ``FlowDPPOLoss``; ``normalizer``/``reweight`` compose it with the guard's parts
     (``ratio_norm`` with ``auto`` is GRPO-Guard's). Needs the means in the call.
     """
-    key = (normalizer, reweight)
-    if key not in _KL_MASK_PARTS:
+    if normalizer not in _KL_MASK_NORMALIZERS:
         raise ValueError(
-            f"kl_mask: (normalizer, reweight) must be one of {sorted(_KL_MASK_PARTS)}, got {key}"
+            f"kl_mask: `normalizer` must be one of {sorted(_KL_MASK_NORMALIZERS)}, got {normalizer!r}"
         )
-    config = LossConfig(_KL_MASK_PARTS[key], None, adv_clip, kl_coef, sde, eta)
-    parts = build_parts(config, kernel)
-    needs_kernel = normalizer != "identity" or reweight != "uniform"
+    guard_weight = "auto" if reweight == "uniform" else reweight
+    config = LossConfig("grpo_guard", None, adv_clip, kl_coef, sde, eta, guard_weight)
+    parts = build_parts(config, kernel)  # the kernel, KL and grpo_guard's timestep weight
     return GuardedPPOLoss(
-        parts.normalizer,
-        parts.reweighter,
+        _KL_MASK_NORMALIZERS[normalizer](),
+        UniformWeight() if reweight == "uniform" else parts.reweighter,
         KLMask(bound, asymmetric=asymmetric),
-        kernel=parts.kernel if needs_kernel else kernel,
+        kernel=parts.kernel,
         adv_clip=parts.adv_clip,
         kl=parts.kl,
     )
-
 
 PRESETS: dict[str, Callable[..., GuardedPPOLoss]] = {
     "flow_grpo": flow_grpo,
