@@ -70,7 +70,8 @@ class RegclipOptions:
     """``grpo_guard`` only: ``auto``, ``inverse_dt`` or ``equalizing``."""
     ratio_source: str | None = None
     """``auto``, ``log_prob`` or ``closed_form``. Default: ``log_prob`` for the vanilla
-    presets (upstream's numbers bit for bit), the preset's own (``auto``) otherwise."""
+    presets and ``grpo_guard_official`` (upstream's numbers bit for bit), the preset's own
+    (``auto``) otherwise."""
     means_device: str = "same"
     """Where rollout means are kept: ``same`` (the rollout's device) or ``cpu``."""
     max_steps: int = 0
@@ -149,7 +150,9 @@ def build_loss(
         loss.kernel = kernel
     if kl_coef > 0:
         loss.kl = KLPenalty(kl_coef, kl_variance)
-    source = options.ratio_source or ("log_prob" if vanilla else loss.normalizer.source)
+    # the vanilla presets and the authors' guard: upstream's own log-prob arithmetic
+    exact = vanilla or name == "grpo_guard_official"
+    source = options.ratio_source or ("log_prob" if exact else loss.normalizer.source)
     if source not in ("auto", "log_prob", "closed_form"):
         raise ValueError(
             f"--regclip_ratio_source must be auto/log_prob/closed_form, got {source!r}"

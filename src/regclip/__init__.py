@@ -22,8 +22,16 @@ from .kernels import (
     make_kernel,
 )
 from .loss import GuardedPPOLoss, KLPenalty, LossOutput
-from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
+from .ratio import (
+    BatchRatioNorm,
+    IdentityRatio,
+    MeanRevisedRatio,
+    RatioNorm,
+    RatioNormalizer,
+    VelocityRatio,
+)
 from .reweight import (
+    BatchInverseDtWeight,
     CustomWeight,
     DanceBetaWeight,
     EqualizingWeight,
@@ -39,6 +47,8 @@ __all__ = [
     "CPS",
     "METRIC_NAMES",
     "AsymmetricClip",
+    "BatchInverseDtWeight",
+    "BatchRatioNorm",
     "ClippedSurrogate",
     "CustomWeight",
     "DanceBetaWeight",

@@ -13,6 +13,9 @@ preset                     normalizer          reweighter            reproduces
                                                                      extension
 =========================  ==================  ====================  ==========================
 
+:func:`grpo_guard_official` is the GRPO-Guard authors' own ``train_sd3_GRPO_Guard.py``
+loss (batch-mean RatioNorm scale and bias, batch inverse-dt weight), for parity runs.
+
 All take ``clip_range`` (symmetric PPO clip) and ``adv_clip`` (advantage clamp); the
 kernel-aware ones take ``sde``/``eta`` or a ready ``kernel`` (e.g.
 ``FlowSDE.from_sigmas(scheduler.sigmas)``, needed for the t = 1 step of a Flow-SDE). Each
@@ -29,8 +32,21 @@ from typing import Literal
 
 from .kernels import TransitionKernel, make_kernel
 from .loss import GuardedPPOLoss, KLPenalty
-from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
-from .reweight import EqualizingWeight, InverseDtWeight, TimestepReweighter, UniformWeight
+from .ratio import (
+    BatchRatioNorm,
+    IdentityRatio,
+    MeanRevisedRatio,
+    RatioNorm,
+    RatioNormalizer,
+    VelocityRatio,
+)
+from .reweight import (
+    BatchInverseDtWeight,
+    EqualizingWeight,
+    InverseDtWeight,
+    TimestepReweighter,
+    UniformWeight,
+)
 from .surrogate import PPOClip
 
 __all__ = [
@@ -39,6 +55,7 @@ __all__ = [
     "flow_grpo",
     "from_name",
     "grpo_guard",
+    "grpo_guard_official",
     "mean_revised",
     "ratio_norm",
     "velocity_guard",
@@ -178,6 +195,36 @@ def grpo_guard(
     )
 
 
+def grpo_guard_official(
+    sde: SDE = "flow",
+    clip_range: float = 2e-6,
+    adv_clip: float | None = 5.0,
+    eta: float | None = None,
+    kl_coef: float = 0.0,
+    kernel: TransitionKernel | None = None,
+    source: Literal["auto", "closed_form", "log_prob"] = "auto",
+) -> GuardedPPOLoss:
+    """The GRPO-Guard authors' loss, ``scripts/train_sd3_GRPO_Guard.py`` with
+    ``rationorm=True``, batch-mean scale and bias included (:class:`BatchRatioNorm`):
+    ``mean(max(-A rho, -A clip(rho))) / mean_B(sqrt(-dt))^2`` with
+    ``rho = exp(S (log_prob - old_log_prob + mean_{B,D}(Delta^2) / (2 S^2)))`` and
+    ``S = mean_B(sqrt(-dt)) mean_B(sigma_t)``. The KL (``kl_coef``, upstream's ``beta``)
+    divides by sigma_t^2 as that script does. ``source="log_prob"`` repeats the script's
+    arithmetic (log-prob difference); the default takes the closed form when the means are
+    given (equal up to rounding). Written for Flow-SDE batches at one step;
+    ``sde``/``eta``/``kernel`` only set the loss's kernel (for diagnostics).
+    """
+    return _build(
+        BatchRatioNorm(source),
+        BatchInverseDtWeight(),
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        kernel=kernel or make_kernel(sde, eta),
+        kl_coef=kl_coef,
+        kl_variance="sigma",
+    )
+
+
 def velocity_guard(
     sde: SDE = "flow",
     clip_range: float = 2e-5,
@@ -204,6 +251,7 @@ PRESETS = {
     "mean_revised": mean_revised,
     "ratio_norm": ratio_norm,
     "grpo_guard": grpo_guard,
+    "grpo_guard_official": grpo_guard_official,
     "velocity_guard": velocity_guard,
 }
 
