@@ -78,6 +78,9 @@ class RegclipOptions:
     """Stop cleanly after this many logged optimizer steps (0: never)."""
     src: str | None = None
     """Upstream checkout (default: the environment variable, then the working directory)."""
+    script: str | None = None
+    """Which upstream training script the launcher runs, for adapters that drive several
+    (Flow-GRPO: ``train_sd3`` (default), ``train_flux``, ...); others ignore it."""
 
 
 def _parse_optional_float(text: str) -> float | None:
@@ -120,7 +123,7 @@ def parse_known_options(argv: Sequence[str]) -> tuple[RegclipOptions, list[str]]
 def build_loss(
     options: RegclipOptions,
     *,
-    sde: Literal["flow", "dance"],
+    sde: Literal["flow", "dance", "cps"],
     kernel: TransitionKernel,
     upstream_clip_range: float,
     upstream_adv_clip: float,
@@ -180,17 +183,42 @@ class TransitionStore:
         self.device = device
         self.key_size = key_size
         self._rows: dict[bytes, dict[str, Tensor]] = {}
+        self._heads: Tensor | None = None  # (N, key_size) float64, for the rounding fallback
+        self._head_keys: list[bytes] = []
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def clear(self) -> None:
         self._rows.clear()
+        self._heads = None
+        self._head_keys = []
+
+    def _head(self, next_sample: Tensor) -> Tensor:
+        head = next_sample.detach().reshape(next_sample.shape[0], -1)[:, : self.key_size]
+        return head.to(device="cpu", dtype=torch.float64)
 
     def _keys(self, next_sample: Tensor) -> list[bytes]:
-        head = next_sample.detach().reshape(next_sample.shape[0], -1)[:, : self.key_size]
-        flat = head.to(device="cpu", dtype=torch.float64).numpy()
-        return [row.tobytes() for row in flat]
+        return [row.tobytes() for row in self._head(next_sample).numpy()]
+
+    def _nearest(self, next_sample: Tensor, keys: list[bytes]) -> list[bytes]:
+        """Keys of the stored draws that ``next_sample`` equals up to a low-precision cast
+        (a pipeline may store its latents in bf16/fp16 after the fp32 step that drew them):
+        relative distance below 1e-2, where distinct Gaussian draws differ by O(1)."""
+        if self._heads is None or len(self._head_keys) != len(self._rows):
+            self._head_keys = list(self._rows)
+            heads = [torch.frombuffer(bytearray(k), dtype=torch.float64) for k in self._head_keys]
+            self._heads = torch.stack(heads) if heads else torch.zeros(0, self.key_size)
+        found = []
+        for key, head in zip(keys, self._head(next_sample), strict=True):
+            if key in self._rows or len(self._head_keys) == 0:
+                found.append(key)
+                continue
+            dist = (self._heads - head).abs().amax(dim=1)
+            best = int(dist.argmin())
+            tol = 1e-2 * max(float(head.abs().max()), 1e-6)
+            found.append(self._head_keys[best] if float(dist[best]) <= tol else key)
+        return found
 
     def record(self, next_sample: Tensor, **per_sample: Tensor) -> None:
         """Store ``per_sample`` tensors ((B, ...) each) under the keys of ``next_sample``."""
@@ -209,6 +237,8 @@ class TransitionStore:
         """Stacked (B, ...) tensors ``names`` for the transitions whose draw is
         ``next_sample``, on ``next_sample``'s device."""
         keys = self._keys(next_sample)
+        if any(key not in self._rows for key in keys):
+            keys = self._nearest(next_sample, keys)
         missing = sum(key not in self._rows for key in keys)
         if missing:
             raise KeyError(
@@ -426,12 +456,17 @@ def launch(
     Splits the ``--regclip_*`` flags off ``argv`` (default ``sys.argv[1:]``), loads the
     upstream checkout (``load_upstream(options.src)``), and, inside ``adapter(upstream,
     options)``, runs the ``__main__`` block of upstream's training script with ``sys.argv =
-    [<checkout>/script, *other flags]``. Returns the exit status: the code of a
+    [<checkout>/script, *other flags]`` (``script``: the upstream's ``script_path`` when it
+    has one, as with ``--regclip_script``). Returns the exit status: the code of a
     ``sys.exit`` in upstream's block (absl's ``app.run`` always exits), else 0; a
     :class:`StopTraining` (``--regclip_max_steps``) ends the run with a message and 0.
     """
     options, rest = parse_known_options(sys.argv[1:] if argv is None else argv)
-    upstream = load_upstream(options.src)
+    if options.script is None:
+        upstream = load_upstream(options.src)
+    else:
+        upstream = load_upstream(options.src, script=options.script)
+    script = getattr(upstream, "script_path", script)
     with adapter(upstream, options):
         sys.argv = [str(upstream.root / script), *rest]
         try:
