@@ -201,23 +201,20 @@ class TransitionStore:
     def _keys(self, next_sample: Tensor) -> list[bytes]:
         return [row.tobytes() for row in self._head(next_sample).numpy()]
 
-    def _nearest(self, next_sample: Tensor, keys: list[bytes]) -> list[bytes]:
-        """Keys of the stored draws that ``next_sample`` equals up to a low-precision cast
-        (a pipeline may store its latents in bf16/fp16 after the fp32 step that drew them):
-        relative distance below 1e-2, where distinct Gaussian draws differ by O(1)."""
-        if self._heads is None or len(self._head_keys) != len(self._rows):
+    def _rounded(self, next_sample: Tensor, keys: list[bytes]) -> list[bytes]:
+        """Keys of the stored draws that equal ``next_sample`` once rounded to its dtype: a
+        pipeline may keep its latents in bf16/fp16 after the fp32 step that drew them."""
+        if len(self._head_keys) != len(self._rows):
             self._head_keys = list(self._rows)
             heads = [torch.frombuffer(bytearray(k), dtype=torch.float64) for k in self._head_keys]
-            self._heads = torch.stack(heads) if heads else torch.zeros(0, self.key_size)
+            self._heads = torch.stack(heads) if heads else None
+        if self._heads is None:
+            return keys
+        rounded = self._heads.to(next_sample.dtype).to(torch.float64)
         found = []
         for key, head in zip(keys, self._head(next_sample), strict=True):
-            if key in self._rows or len(self._head_keys) == 0:
-                found.append(key)
-                continue
-            dist = (self._heads - head).abs().amax(dim=1)
-            best = int(dist.argmin())
-            tol = 1e-2 * max(float(head.abs().max()), 1e-6)
-            found.append(self._head_keys[best] if float(dist[best]) <= tol else key)
+            match = (rounded == head).all(dim=1).nonzero()
+            found.append(self._head_keys[int(match[0])] if len(match) == 1 else key)
         return found
 
     def record(self, next_sample: Tensor, **per_sample: Tensor) -> None:
@@ -235,10 +232,12 @@ class TransitionStore:
 
     def lookup(self, next_sample: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
         """Stacked (B, ...) tensors ``names`` for the transitions whose draw is
-        ``next_sample``, on ``next_sample``'s device."""
+        ``next_sample``, on ``next_sample``'s device. Pass the draws in the dtype upstream
+        stored them: bf16/fp16 draws are also matched to fp32 recorded ones rounded alike."""
         keys = self._keys(next_sample)
-        if any(key not in self._rows for key in keys):
-            keys = self._nearest(next_sample, keys)
+        low_precision = next_sample.dtype in (torch.bfloat16, torch.float16)
+        if low_precision and any(key not in self._rows for key in keys):
+            keys = self._rounded(next_sample, keys)
         missing = sum(key not in self._rows for key in keys)
         if missing:
             raise KeyError(

@@ -99,6 +99,11 @@ def test_store_finds_each_transition_by_its_draw_after_shuffling():
     assert torch.equal(found["mean"], means[perm]) and torch.equal(found["row"], perm)
     with pytest.raises(KeyError, match="not recorded during the rollout"):
         store.lookup(draws[:2] + 1e-3, ["mean"])
+    # latents kept in bf16 after the fp32 step that drew them
+    found = store.lookup(draws[perm].to(torch.bfloat16), ["row"])
+    assert torch.equal(found["row"], perm)
+    with pytest.raises(KeyError, match="not recorded during the rollout"):
+        store.lookup((draws[:2] + 1e-1).to(torch.bfloat16), ["mean"])
     store.clear()
     assert len(store) == 0
 

@@ -563,8 +563,9 @@ class FlowGRPOAdapter(UpstreamAdapter):
         device = step.mean.device
         t = sigmas[index].to(device)
         dt = sigmas[index + 1].to(device) - t
-        next_sample = sample["next_latents"][:, j].float()
-        old_mean = self.store.lookup(next_sample, ["mean"])["mean"]
+        stored = sample["next_latents"][:, j]
+        old_mean = self.store.lookup(stored, ["mean"])["mean"]
+        next_sample = stored.float()
         loss_fn = self._loss_fn(step.config, sigmas)
         out = loss_fn(
             advantages=sample["advantages"][:, j],
