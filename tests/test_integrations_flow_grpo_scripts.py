@@ -1,0 +1,390 @@
+"""The Flow-GRPO adapter on every supported script of commit 9745241, against the real
+upstream code (``pytest -m upstream`` with ``REGCLIP_FLOW_GRPO_SRC`` at that checkout).
+
+Each test runs the script's own sampling function (its pipeline and SDE step) on a tiny
+random-weight model, builds the rollout batch as the script's ``main`` does, and executes
+the ``for j in train_timesteps`` loop of ``main`` from upstream's source: once unpatched,
+once under the adapter. Checked: with the vanilla preset the patched gradients and loss are
+upstream's; with ``grpo_guard`` they are regclip's loss on upstream's ``compute_log_prob``
+outputs and the rollout means (recomputed independently of the adapter's store); the
+per-optimizer-step log carries the ``regclip/*`` metrics.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import os
+import random
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from integrations.common import RegclipOptions
+from integrations.standins import install_standins
+
+import regclip
+
+SRC = os.environ.get("REGCLIP_FLOW_GRPO_SRC")
+pytestmark = [
+    pytest.mark.upstream,
+    pytest.mark.skipif(
+        not SRC,
+        reason="set REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo checkout (9745241) and run "
+        "`pytest -m upstream`",
+    ),
+]
+
+STEPS = 4  # rollout steps
+BATCH = 4
+
+
+def _upstream(script: str) -> Any:
+    install_standins(["absl", "ml_collections", "wandb", "imageio"])
+    from integrations.flow_grpo.adapter import FLOW_GRPO_COMMIT_9745241, load_upstream
+
+    up = load_upstream(SRC, script)
+    assert up.commit == FLOW_GRPO_COMMIT_9745241
+    return up
+
+
+class _NoStep:
+    def step(self):
+        return None
+
+    def zero_grad(self):
+        return None
+
+
+class _Prepared(torch.nn.Module):
+    """What ``accelerator.prepare`` returns on several GPUs: the model under ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+class _Logger:
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def log(self, data, *_, **__):
+        self.logs.append({k: float(torch.as_tensor(v).detach()) for k, v in data.items()})
+
+
+def _loop_code(module):
+    tree = ast.parse(inspect.getsource(module.main))
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.For)
+            and isinstance(node.target, ast.Name)
+            and node.target.id == "j"
+        ):
+            return compile(ast.Module(body=[node], type_ignores=[]), module.__name__, "exec")
+    raise AssertionError("no `for j in ...` loop in main")
+
+
+def _config(**sample):
+    base = {"num_steps": STEPS, "guidance_scale": 3.5, "noise_level": 0.7, "sde_type": "sde"}
+    base.update(sample)
+    train = {
+        "cfg": True,
+        "clip_range": 1e-4,
+        "adv_clip_max": 5.0,
+        "beta": 0.0,
+        "max_grad_norm": 1.0,
+        "timestep_fraction": 1.0,
+    }
+    return SimpleNamespace(
+        sample=SimpleNamespace(**base), train=SimpleNamespace(**train), resolution=16
+    )
+
+
+def _perturb(module, seed, scale=3e-3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+def _advantages(sample, seed, steps):
+    rewards = 3 * torch.randn(BATCH, generator=torch.Generator().manual_seed(seed))
+    adv = regclip.group_advantages(rewards, torch.arange(BATCH) // 2, gather=False)
+    return {**sample, "advantages": adv[:, None].repeat(1, steps)}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _sd3(up, config, seed):
+    from integrations.flow_grpo import smoke
+
+    pipe = smoke.build_pipeline("tiny", seed=seed)
+    embeds = smoke.random_embeddings(pipe, BATCH, 8, torch.Generator().manual_seed(seed))
+    fast = up.spec.name.endswith("_fast")
+    kwargs = dict(
+        num_inference_steps=STEPS,
+        guidance_scale=config.sample.guidance_scale,
+        output_type="pt",
+        height=16,
+        width=16,
+        noise_level=config.sample.noise_level,
+    )
+    if fast:
+        kwargs.update(
+            sde_window_size=config.sample.sde_window_size,
+            sde_window_range=config.sample.sde_window_range,
+            sde_type=config.sample.sde_type,
+        )
+    with torch.no_grad():
+        out = getattr(up.train_module, up.spec.rollout)(pipe, **embeds, **kwargs)
+    latents = torch.stack(out[1], dim=1)
+    timesteps = (
+        torch.stack(out[3]).unsqueeze(0).repeat(BATCH, 1)
+        if fast
+        else pipe.scheduler.timesteps.repeat(BATCH, 1)
+    )
+    sample = {
+        "prompt_embeds": embeds["prompt_embeds"],
+        "pooled_prompt_embeds": embeds["pooled_prompt_embeds"],
+        "timesteps": timesteps,
+        "latents": latents[:, :-1],
+        "next_latents": latents[:, 1:],
+        "log_probs": torch.stack(out[2], dim=1),
+    }
+    cond = torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]])
+    pooled = torch.cat([embeds["negative_pooled_prompt_embeds"], embeds["pooled_prompt_embeds"]])
+    namespace = {"embeds": cond, "pooled_embeds": pooled, "transformer": pipe.transformer}
+    return pipe, sample, namespace
+
+
+def _flux_pipeline(seed):
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(4, 4),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256
+    )
+    return FluxPipeline(scheduler, vae, None, None, None, None, transformer)
+
+
+def _flux(up, config, seed):
+    pipe = _flux_pipeline(seed)
+    g = torch.Generator().manual_seed(seed)
+    prompt_embeds = torch.randn(BATCH, 8, 16, generator=g)
+    pooled = torch.randn(BATCH, 8, generator=g)
+    fast = up.spec.name.endswith("_fast")
+    kwargs = dict(
+        prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=pooled,
+        num_inference_steps=STEPS,
+        guidance_scale=config.sample.guidance_scale,
+        output_type="pt",
+        height=16,
+        width=16,
+        noise_level=config.sample.noise_level,
+    )
+    if fast:
+        kwargs.update(
+            sde_window_size=config.sample.sde_window_size,
+            sde_window_range=config.sample.sde_window_range,
+            sde_type=config.sample.sde_type,
+        )
+    with torch.no_grad():
+        out = getattr(up.train_module, up.spec.rollout)(pipe, **kwargs)
+    _, latents, image_ids, _, log_probs = out[:5]
+    latents = torch.stack(latents, dim=1)
+    timesteps = (
+        torch.stack(out[5]).unsqueeze(0).repeat(BATCH, 1)
+        if fast
+        else pipe.scheduler.timesteps.repeat(BATCH, 1)
+    )
+    sample = {
+        "prompt_embeds": prompt_embeds,
+        "pooled_prompt_embeds": pooled,
+        "image_ids": image_ids.unsqueeze(0).repeat(BATCH, 1, 1),
+        "timesteps": timesteps,
+        "latents": latents[:, :-1],
+        "next_latents": latents[:, 1:],
+        "log_probs": torch.stack(log_probs, dim=1),
+    }
+    return pipe, sample, {"transformer": _Prepared(pipe.transformer)}
+
+
+# ----------------------------------------------------------------------------- the check
+
+
+def _run_loop(up, module, pipe, sample, config, namespace, accelerator_cls, steps):
+    ns = {
+        **module.__dict__,
+        **namespace,
+        "tqdm": lambda it, **_: it,
+        "train_timesteps": list(range(steps)),
+        "accelerator": accelerator_cls(gradient_accumulation_steps=steps),
+        "pipeline": pipe,
+        "sample": sample,
+        "config": config,
+        "optimizer": _NoStep(),
+        "autocast": contextlib.nullcontext,
+        "info": defaultdict(list),
+        "epoch": 0,
+        "inner_epoch": 0,
+        "global_step": 0,
+    }
+    exec(_loop_code(module), ns)
+    grads = [p.grad.clone() for p in pipe.transformer.parameters()]
+    pipe.transformer.zero_grad(set_to_none=True)
+    return grads
+
+
+def _rel_error(grads, reference):
+    return max(
+        float((a - b).norm() / b.norm())
+        for a, b in zip(grads, reference, strict=True)
+        if b.norm() > 0
+    )
+
+
+def _regclip_reference(up, adapter, pipe, sample, config, namespace, steps, old_means):
+    """regclip's loss computed directly on upstream's ``compute_log_prob`` outputs."""
+    compute = up.train_module.compute_log_prob
+    assert getattr(compute, "__self__", None) is None  # upstream's own, not the adapter's
+    sigmas = pipe.scheduler.sigmas.float()
+    loss_fn = adapter.loss_fn
+    for j in range(steps):
+        args = {"transformer": namespace["transformer"], "pipeline": pipe, "sample": sample}
+        args.update(j=j, config=config, **{k: namespace[k] for k in namespace if "embeds" in k})
+        _, log_prob, mean, std_dev_t = compute(**args)[:4]
+        index = torch.tensor(
+            [pipe.scheduler.index_for_timestep(t) for t in sample["timesteps"][:, j]]
+        )
+        t, dt = sigmas[index], sigmas[index + 1] - sigmas[index]
+        s = std_dev_t.flatten()
+        s = s if config.sample.sde_type == "cps" else s * torch.sqrt(-dt)
+        out = loss_fn(
+            advantages=sample["advantages"][:, j],
+            mean=mean,
+            old_mean=old_means[j],
+            next_sample=sample["next_latents"][:, j],
+            std=s.expand(BATCH),
+            dt=dt,
+            t=t,
+            log_prob=log_prob,
+            old_log_prob=sample["log_probs"][:, j],
+        )
+        (out.loss / steps).backward()
+    grads = [p.grad.clone() for p in pipe.transformer.parameters()]
+    pipe.transformer.zero_grad(set_to_none=True)
+    return grads
+
+
+def _check(up, build, config, seed):
+    from accelerate import Accelerator
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter
+
+    random.seed(seed)  # the fast scripts draw their SDE window with `random`
+    logger = _Logger()
+    up.train_module.wandb = logger
+    vanilla = FlowGRPOAdapter(up, RegclipOptions(preset="flow_grpo"))
+    with vanilla:
+        pipe, sample, namespace = build(up, config, seed)
+    steps = sample["log_probs"].shape[1]
+    if up.spec.name.endswith("_fast"):
+        assert steps == config.sample.sde_window_size
+    assert len(vanilla.store) == BATCH * steps  # only the stochastic (window) steps
+    # the rollout means, recomputed by upstream's own training-time function
+    with torch.no_grad():
+        old_means = []
+        for j in range(steps):
+            args = {"transformer": namespace["transformer"], "pipeline": pipe, "sample": sample}
+            args.update(j=j, config=config, **{k: namespace[k] for k in namespace if "embeds" in k})
+            old_means.append(up.train_module.compute_log_prob(**args)[2])
+            recorded = vanilla.store.lookup(sample["next_latents"][:, j], ["mean"])["mean"]
+            torch.testing.assert_close(recorded, old_means[j], rtol=1e-4, atol=1e-5)
+    _perturb(pipe.transformer, seed + 1)
+    sample = _advantages(sample, seed + 2, steps)
+
+    run = lambda module, acc: _run_loop(  # noqa: E731
+        up, module, pipe, sample, config, namespace, acc, steps
+    )
+    theirs = run(up.train_module, Accelerator)
+    with vanilla:
+        ours = run(up.train_module, up.train_module.Accelerator)
+    assert _rel_error(ours, theirs) < 1e-6
+    upstream_log, vanilla_log = logger.logs[-2:]
+    assert vanilla_log["regclip/loss"] == pytest.approx(upstream_log["loss"], rel=1e-5, abs=1e-7)
+    assert 0 < upstream_log["clipfrac"] <= 1
+
+    guard = FlowGRPOAdapter(up, RegclipOptions(preset="grpo_guard"))
+    guard.store = vanilla.store
+    with guard:
+        guarded = run(up.train_module, up.train_module.Accelerator)
+    log = logger.logs[-1]
+    assert guard.loss_fn is not None
+    expected_kernel = regclip.CPS if config.sample.sde_type == "cps" else regclip.FlowSDE
+    assert isinstance(guard.loss_fn.kernel, expected_kernel)
+    reference = _regclip_reference(up, guard, pipe, sample, config, namespace, steps, old_means)
+    assert _rel_error(guarded, reference) < 1e-4
+    assert _rel_error(guarded, theirs) > 1e-2  # a different loss: the check can fail
+    assert {"regclip/loss", "regclip/clip/frac", "regclip/step00/clip/frac"} <= set(log)
+    assert f"regclip/step{steps - 1:02d}/ratio/mean" in log
+    return log
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_sd3_adapter_runs_upstreams_step(seed):
+    _check(_upstream("train_sd3"), _sd3, _config(), seed)
+
+
+@pytest.mark.parametrize(("sde_type", "seed"), [("cps", 2), ("sde", 3)])
+def test_sd3_fast_adapter_runs_upstreams_step_in_the_sde_window(sde_type, seed):
+    config = _config(sde_type=sde_type, sde_window_size=2, sde_window_range=(0, 3))
+    _check(_upstream("train_sd3_fast"), _sd3, config, seed)
+
+
+@pytest.mark.parametrize("seed", [4])
+def test_flux_adapter_keeps_the_means_the_pipeline_discards(seed):
+    _check(_upstream("train_flux"), _flux, _config(), seed)
+
+
+@pytest.mark.parametrize(("sde_type", "seed"), [("cps", 5), ("sde", 6)])
+def test_flux_fast_adapter_runs_upstreams_step_in_the_sde_window(sde_type, seed):
+    config = _config(sde_type=sde_type, sde_window_size=2, sde_window_range=(0, 3))
+    _check(_upstream("train_flux_fast"), _flux, config, seed)
