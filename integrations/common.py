@@ -72,6 +72,9 @@ class RegclipOptions:
     """``auto``, ``log_prob`` or ``closed_form``. Default: ``log_prob`` for the vanilla
     presets and ``grpo_guard_official`` (upstream's numbers bit for bit), the preset's own
     (``auto``) otherwise."""
+    fused: bool = False
+    """Compute the guard loss with the fused Triton kernels where they apply (CUDA, means
+    given, no KL; :mod:`regclip.fused`); the eager path otherwise."""
     means_device: str = "same"
     """Where rollout means are kept: ``same`` (the rollout's device) or ``cpu``."""
     max_steps: int = 0
@@ -87,6 +90,14 @@ def _parse_optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--regclip_<field>`` for every field of :class:`RegclipOptions`."""
     group = parser.add_argument_group("regclip")
@@ -97,6 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = _parse_optional_float
         elif field.name == "max_steps":
             kind = int
+        elif field.name == "fused":
+            kind = _parse_bool
         else:
             kind = str
         group.add_argument(f"--regclip_{field.name}", type=kind, default=default)
@@ -161,6 +174,7 @@ def build_loss(
             f"--regclip_ratio_source must be auto/log_prob/closed_form, got {source!r}"
         )
     loss.normalizer.source = source
+    loss.fused = options.fused
     return loss
 
 
