@@ -62,8 +62,9 @@ class RegclipOptions:
     preset: str = "grpo_guard"
     """A name of :data:`regclip.presets.PRESETS`."""
     clip_range: float | None = None
-    """Symmetric clip range. Default: upstream's own for the vanilla presets, the preset's
-    default (2e-6 for ``grpo_guard``) otherwise."""
+    """Symmetric clip range. Default: upstream's own (``config.train.clip_range``) for the
+    vanilla presets and ``grpo_guard_official``, the preset's default (2e-6 for
+    ``grpo_guard``) otherwise."""
     adv_clip: float | None = None
     """Advantage clamp. Default: upstream's (``adv_clip_max``)."""
     reweight: str = "auto"
@@ -155,7 +156,7 @@ def build_loss(
     }
     if options.clip_range is not None:
         kwargs["clip_range"] = options.clip_range
-    elif vanilla:
+    elif vanilla or name == "grpo_guard_official":  # the authors' configs set theirs
         kwargs["clip_range"] = upstream_clip_range
     if not vanilla:
         kwargs.update(sde=sde, kernel=kernel)
