@@ -478,8 +478,10 @@ def launch(
     options, rest = parse_known_options(sys.argv[1:] if argv is None else argv)
     if options.script is None:
         upstream = load_upstream(options.src)
-    else:
+    elif "script" in inspect.signature(load_upstream).parameters:
         upstream = load_upstream(options.src, script=options.script)
+    else:
+        raise SystemExit(f"--regclip_script is not an option of this launcher ({script})")
     script = getattr(upstream, "script_path", script)
     with adapter(upstream, options):
         sys.argv = [str(upstream.root / script), *rest]

@@ -68,6 +68,7 @@ from ..common import (
 __all__ = [
     "FLOW_GRPO_COMMIT",
     "FLOW_GRPO_COMMITS",
+    "FLOW_GRPO_COMMIT_9745241",
     "SCRIPTS",
     "SUPPORTED",
     "FlowGRPOAdapter",
@@ -75,6 +76,7 @@ __all__ = [
     "UpstreamFlowGRPO",
     "WanSDE",
     "identify_commit",
+    "import_script",
     "load_upstream",
 ]
 
