@@ -245,8 +245,8 @@ def bench_regclip_train(arch: str, s: dict[str, Any], tiny: bool, device: torch.
     real_arch.time_iteration(trainer)  # warm-up
     runs = [real_arch.time_iteration(trainer) for _ in range(repeats)]
     out = {
-        "train_step_s": round(statistics.median(r["train_step_s"] for r in runs), 4),
-        "rollout_s": round(statistics.median(r["rollout_s"] for r in runs), 4),
+        "train_step_s": round(statistics.median(float(r["train_step_s"] or 0) for r in runs), 4),
+        "rollout_s": round(statistics.median(float(r["rollout_s"] or 0) for r in runs), 4),
         "gradient_checkpointing": trainer.config.gradient_checkpointing,
         "batch_size": trainer.config.batch_size,
     }

@@ -461,7 +461,7 @@ def run_main_block(module: ModuleType) -> None:
 
 def launch(
     argv: Sequence[str] | None,
-    load_upstream: Callable[[Any], Any],
+    load_upstream: Callable[..., Any],
     adapter: Callable[[Any, RegclipOptions], AbstractContextManager[Any]],
     script: str,
 ) -> int:
