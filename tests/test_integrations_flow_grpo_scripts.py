@@ -263,6 +263,46 @@ def _flux(up, config, seed):
     return pipe, sample, {"transformer": _Prepared(pipe.transformer)}
 
 
+def _kontext(up, config, seed):
+    from diffusers import FluxKontextPipeline
+
+    flux = _flux_pipeline(seed)
+    pipe = FluxKontextPipeline(flux.scheduler, flux.vae, None, None, None, None, flux.transformer)
+    g = torch.Generator().manual_seed(seed)
+    prompt_embeds = torch.randn(BATCH, 8, 16, generator=g)
+    pooled = torch.randn(BATCH, 8, generator=g)
+    reference_images = torch.rand(BATCH, 3, 16, 16, generator=g)  # the images to edit
+    with torch.no_grad():
+        _, latents, latent_ids, text_ids, log_probs, image_latents = getattr(
+            up.train_module, up.spec.rollout
+        )(
+            pipe,
+            image=reference_images,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+            num_inference_steps=STEPS,
+            guidance_scale=config.sample.guidance_scale,
+            output_type="pt",
+            height=config.resolution,
+            width=config.resolution,
+            max_area=config.resolution**2,
+            noise_level=config.sample.noise_level,
+        )
+    latents = torch.stack(latents, dim=1)
+    sample = {
+        "prompt_embeds": prompt_embeds,
+        "pooled_prompt_embeds": pooled,
+        "latent_ids": latent_ids.unsqueeze(0).repeat(BATCH, 1, 1),
+        "image_latents": image_latents,
+        "text_ids": text_ids.unsqueeze(0).repeat(BATCH, 1, 1),
+        "timesteps": pipe.scheduler.timesteps.repeat(BATCH, 1),
+        "latents": latents[:, :-1],
+        "next_latents": latents[:, 1:],
+        "log_probs": torch.stack(log_probs, dim=1),
+    }
+    return pipe, sample, {"transformer": _Prepared(pipe.transformer)}
+
+
 def _wan(up, config, seed):
     from diffusers import (
         AutoencoderKLWan,
@@ -610,3 +650,8 @@ def test_wan_adapter_runs_upstreams_step_with_its_own_sde(seed, monkeypatch):
 def test_qwenimage_adapter_injects_regclips_loss_into_the_fsdp_loop(seed, monkeypatch):
     config = _config(sde_window_size=0, sde_window_range=(0, STEPS))
     _check(_upstream("train_qwenimage"), _qwen, config, seed, monkeypatch)
+
+
+@pytest.mark.parametrize("seed", [9])
+def test_flux_kontext_adapter_runs_upstreams_edit_step(seed, monkeypatch):
+    _check(_upstream("train_flux_kontext"), _kontext, _config(), seed, monkeypatch)
