@@ -20,14 +20,14 @@ normalizer                    debias    scale_t         closed form
 :func:`VelocityRatio`         yes       ``s / |c_t|``   ``mean(eps Delta) / |c_t|``
 ============================  ========  ==============  ==========================
 
-``c_t = d mu / d v`` is the kernel's velocity slope.
+``c_t = d mu / d v`` is the kernel's velocity slope. ``RatioNorm`` is GRPO-Guard's Eq. 8
+(``s * (log_prob - old_log_prob + b_t)`` as the public implementations write it).
 
 :class:`BatchRatioNorm` is the parity option for the GRPO-Guard authors' own script
 (Flow-GRPO's ``scripts/train_sd3_GRPO_Guard.py``, ``rationorm=True``): one scale
 ``S = mean_B(sqrt(-dt)) * mean_B(sigma_t)`` and one bias ``mean_{B,D}(Delta^2) / (2 S^2)``
 for the whole batch instead of per sample. Pair it with
-:class:`regclip.reweight.BatchInverseDtWeight` (preset ``grpo_guard_official``). ``RatioNorm`` is GRPO-Guard's Eq. 8
-(``s * (log_prob - old_log_prob + b_t)`` as the public implementations write it).
+:class:`regclip.reweight.BatchInverseDtWeight` (preset ``grpo_guard_official``).
 
 The closed form needs ``mean``, ``old_mean`` and ``next_sample`` and never subtracts two
 large log-probs; the log-prob route uses ``log_prob - old_log_prob`` (upstream Gaussian
@@ -187,8 +187,7 @@ class BatchRatioNorm(RatioNormalizer):
     Gaussian convention, plus the bias from the means), the same arithmetic as theirs;
     ``"closed_form"`` forms ``log rho_i`` from the means (equal up to rounding, without the
     cancellation of two large log-probs); ``"auto"`` takes the closed form when the means
-    are given. Not fusable: the fused kernels implement the
-    per-sample bias only.
+    are given. Not fusable: the fused kernels implement the per-sample bias only.
     """
 
     fusable = False
