@@ -62,25 +62,41 @@ class RegclipOptions:
     preset: str = "grpo_guard"
     """A name of :data:`regclip.presets.PRESETS`."""
     clip_range: float | None = None
-    """Symmetric clip range. Default: upstream's own for the vanilla presets, the preset's
-    default (2e-6 for ``grpo_guard``) otherwise."""
+    """Symmetric clip range. Default: upstream's own (``config.train.clip_range``) for the
+    vanilla presets and ``grpo_guard_official``, the preset's default (2e-6 for
+    ``grpo_guard``) otherwise."""
     adv_clip: float | None = None
     """Advantage clamp. Default: upstream's (``adv_clip_max``)."""
     reweight: str = "auto"
     """``grpo_guard`` only: ``auto``, ``inverse_dt`` or ``equalizing``."""
     ratio_source: str | None = None
     """``auto``, ``log_prob`` or ``closed_form``. Default: ``log_prob`` for the vanilla
-    presets (upstream's numbers bit for bit), the preset's own (``auto``) otherwise."""
+    presets and ``grpo_guard_official`` (upstream's numbers bit for bit), the preset's own
+    (``auto``) otherwise."""
+    fused: bool = False
+    """Compute the guard loss with the fused Triton kernels where they apply (CUDA, means
+    given, no KL; :mod:`regclip.fused`); the eager path otherwise."""
     means_device: str = "same"
     """Where rollout means are kept: ``same`` (the rollout's device) or ``cpu``."""
     max_steps: int = 0
     """Stop cleanly after this many logged optimizer steps (0: never)."""
     src: str | None = None
     """Upstream checkout (default: the environment variable, then the working directory)."""
+    script: str | None = None
+    """Which upstream training script the launcher runs, for adapters that drive several
+    (Flow-GRPO: ``train_sd3`` (default), ``train_flux``, ...); others ignore it."""
 
 
 def _parse_optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = _parse_optional_float
         elif field.name == "max_steps":
             kind = int
+        elif field.name == "fused":
+            kind = _parse_bool
         else:
             kind = str
         group.add_argument(f"--regclip_{field.name}", type=kind, default=default)
@@ -119,7 +137,7 @@ def parse_known_options(argv: Sequence[str]) -> tuple[RegclipOptions, list[str]]
 def build_loss(
     options: RegclipOptions,
     *,
-    sde: Literal["flow", "dance"],
+    sde: Literal["flow", "dance", "cps"],
     kernel: TransitionKernel,
     upstream_clip_range: float,
     upstream_adv_clip: float,
@@ -138,7 +156,7 @@ def build_loss(
     }
     if options.clip_range is not None:
         kwargs["clip_range"] = options.clip_range
-    elif vanilla:
+    elif vanilla or name == "grpo_guard_official":  # the authors' configs set theirs
         kwargs["clip_range"] = upstream_clip_range
     if not vanilla:
         kwargs.update(sde=sde, kernel=kernel)
@@ -149,12 +167,15 @@ def build_loss(
         loss.kernel = kernel
     if kl_coef > 0:
         loss.kl = KLPenalty(kl_coef, kl_variance)
-    source = options.ratio_source or ("log_prob" if vanilla else loss.normalizer.source)
+    # the vanilla presets and the authors' guard: upstream's own log-prob arithmetic
+    exact = vanilla or name == "grpo_guard_official"
+    source = options.ratio_source or ("log_prob" if exact else loss.normalizer.source)
     if source not in ("auto", "log_prob", "closed_form"):
         raise ValueError(
             f"--regclip_ratio_source must be auto/log_prob/closed_form, got {source!r}"
         )
     loss.normalizer.source = source
+    loss.fused = options.fused
     return loss
 
 
@@ -177,17 +198,39 @@ class TransitionStore:
         self.device = device
         self.key_size = key_size
         self._rows: dict[bytes, dict[str, Tensor]] = {}
+        self._heads: Tensor | None = None  # (N, key_size) float64, for the rounding fallback
+        self._head_keys: list[bytes] = []
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def clear(self) -> None:
         self._rows.clear()
+        self._heads = None
+        self._head_keys = []
+
+    def _head(self, next_sample: Tensor) -> Tensor:
+        head = next_sample.detach().reshape(next_sample.shape[0], -1)[:, : self.key_size]
+        return head.to(device="cpu", dtype=torch.float64)
 
     def _keys(self, next_sample: Tensor) -> list[bytes]:
-        head = next_sample.detach().reshape(next_sample.shape[0], -1)[:, : self.key_size]
-        flat = head.to(device="cpu", dtype=torch.float64).numpy()
-        return [row.tobytes() for row in flat]
+        return [row.tobytes() for row in self._head(next_sample).numpy()]
+
+    def _rounded(self, next_sample: Tensor, keys: list[bytes]) -> list[bytes]:
+        """Keys of the stored draws that equal ``next_sample`` once rounded to its dtype: a
+        pipeline may keep its latents in bf16/fp16 after the fp32 step that drew them."""
+        if len(self._head_keys) != len(self._rows):
+            self._head_keys = list(self._rows)
+            heads = [torch.frombuffer(bytearray(k), dtype=torch.float64) for k in self._head_keys]
+            self._heads = torch.stack(heads) if heads else None
+        if self._heads is None:
+            return keys
+        rounded = self._heads.to(next_sample.dtype).to(torch.float64)
+        found = []
+        for key, head in zip(keys, self._head(next_sample), strict=True):
+            match = (rounded == head).all(dim=1).nonzero()
+            found.append(self._head_keys[int(match[0])] if len(match) == 1 else key)
+        return found
 
     def record(self, next_sample: Tensor, **per_sample: Tensor) -> None:
         """Store ``per_sample`` tensors ((B, ...) each) under the keys of ``next_sample``."""
@@ -204,8 +247,12 @@ class TransitionStore:
 
     def lookup(self, next_sample: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
         """Stacked (B, ...) tensors ``names`` for the transitions whose draw is
-        ``next_sample``, on ``next_sample``'s device."""
+        ``next_sample``, on ``next_sample``'s device. Pass the draws in the dtype upstream
+        stored them: bf16/fp16 draws are also matched to fp32 recorded ones rounded alike."""
         keys = self._keys(next_sample)
+        low_precision = next_sample.dtype in (torch.bfloat16, torch.float16)
+        if low_precision and any(key not in self._rows for key in keys):
+            keys = self._rounded(next_sample, keys)
         missing = sum(key not in self._rows for key in keys)
         if missing:
             raise KeyError(
@@ -414,7 +461,7 @@ def run_main_block(module: ModuleType) -> None:
 
 def launch(
     argv: Sequence[str] | None,
-    load_upstream: Callable[[Any], Any],
+    load_upstream: Callable[..., Any],
     adapter: Callable[[Any, RegclipOptions], AbstractContextManager[Any]],
     script: str,
 ) -> int:
@@ -423,12 +470,19 @@ def launch(
     Splits the ``--regclip_*`` flags off ``argv`` (default ``sys.argv[1:]``), loads the
     upstream checkout (``load_upstream(options.src)``), and, inside ``adapter(upstream,
     options)``, runs the ``__main__`` block of upstream's training script with ``sys.argv =
-    [<checkout>/script, *other flags]``. Returns the exit status: the code of a
+    [<checkout>/script, *other flags]`` (``script``: the upstream's ``script_path`` when it
+    has one, as with ``--regclip_script``). Returns the exit status: the code of a
     ``sys.exit`` in upstream's block (absl's ``app.run`` always exits), else 0; a
     :class:`StopTraining` (``--regclip_max_steps``) ends the run with a message and 0.
     """
     options, rest = parse_known_options(sys.argv[1:] if argv is None else argv)
-    upstream = load_upstream(options.src)
+    if options.script is None:
+        upstream = load_upstream(options.src)
+    elif "script" in inspect.signature(load_upstream).parameters:
+        upstream = load_upstream(options.src, script=options.script)
+    else:
+        raise SystemExit(f"--regclip_script is not an option of this launcher ({script})")
+    script = getattr(upstream, "script_path", script)
     with adapter(upstream, options):
         sys.argv = [str(upstream.root / script), *rest]
         try:

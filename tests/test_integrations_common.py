@@ -99,6 +99,11 @@ def test_store_finds_each_transition_by_its_draw_after_shuffling():
     assert torch.equal(found["mean"], means[perm]) and torch.equal(found["row"], perm)
     with pytest.raises(KeyError, match="not recorded during the rollout"):
         store.lookup(draws[:2] + 1e-3, ["mean"])
+    # latents kept in bf16 after the fp32 step that drew them
+    found = store.lookup(draws[perm].to(torch.bfloat16), ["row"])
+    assert torch.equal(found["row"], perm)
+    with pytest.raises(KeyError, match="not recorded during the rollout"):
+        store.lookup((draws[:2] + 1e-1).to(torch.bfloat16), ["mean"])
     store.clear()
     assert len(store) == 0
 
@@ -299,4 +304,25 @@ def test_dance_train_timesteps(steps, fraction, expected):
     assert (
         train_timesteps(SimpleNamespace(sampling_steps=steps, timestep_fraction=fraction))
         == expected
+    )
+
+
+def test_flow_launcher_names_the_scripts_and_commits(tmp_path):
+    from integrations.dance_grpo.launch import main as dance_main
+    from integrations.flow_grpo.adapter import SCRIPTS, SUPPORTED
+    from integrations.flow_grpo.launch import main as flow_main
+
+    with pytest.raises(SystemExit, match="train_flux"):
+        flow_main(["--regclip_src", str(tmp_path), "--regclip_script", "train_nope"])
+    with pytest.raises(SystemExit, match="not an option of this launcher"):
+        dance_main(["--regclip_src", str(tmp_path), "--regclip_script", "train_flux"])
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "train_flux.py").write_text("# a modified script\n")
+    with pytest.raises(IncompatibleUpstreamError, match=r"9745241.*train_flux") as error:
+        flow_main(["--regclip_src", str(tmp_path), "--regclip_script", "train_flux"])
+    assert "ac4c86e" in str(error.value) and "REGCLIP_ALLOW_UNTESTED_UPSTREAM" in str(error.value)
+    assert {"train_sd3", "train_sd3_fast", "train_flux", "train_flux_fast"} <= set(SCRIPTS)
+    assert {"train_qwenimage", "train_wan2_1"} <= set(
+        SUPPORTED["9745241cf1101407e9b518dd4f10498092150522"]
     )

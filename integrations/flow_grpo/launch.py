@@ -1,4 +1,6 @@
-"""Drop-in for ``scripts/train_sd3.py``: the same flags and config, plus ``--regclip_*``.
+"""Drop-in for Flow-GRPO's ``scripts/train_*.py``: the same flags and config, plus
+``--regclip_*``; ``--regclip_script`` picks the script (default ``train_sd3``; see
+:data:`integrations.flow_grpo.adapter.SCRIPTS`).
 
 Run it from the flow_grpo checkout, exactly where upstream's script would run::
 
@@ -6,6 +8,8 @@ Run it from the flow_grpo checkout, exactly where upstream's script would run::
         --num_processes=8 --main_process_port 29501 \\
         /path/to/regclip/integrations/flow_grpo/launch.py \\
         --config config/grpo.py:pickscore_sd3 --regclip_preset grpo_guard
+
+    # Flux: the same, with upstream's Flux config and --regclip_script train_flux
 
 Everything but ``--regclip_*`` goes to upstream's own absl/ml_collections parser.
 """

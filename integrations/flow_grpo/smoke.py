@@ -27,17 +27,20 @@ import torch
 from torch import Tensor
 
 import regclip
-from regclip.trainer.arch import SD3Architecture
+from regclip.trainer.arch import FluxArchitecture, SD3Architecture
 
 from ..common import RegclipOptions
 from .adapter import FlowGRPOAdapter, UpstreamFlowGRPO, load_upstream
 
 __all__ = [
     "SD35M_TRANSFORMER",
+    "build_flux_pipeline",
     "build_pipeline",
+    "flux_rollout",
     "make_config",
     "rollout",
     "run_epoch",
+    "run_train_loop",
     "timestep_loop",
 ]
 
@@ -118,6 +121,61 @@ def build_pipeline(arch: str = "tiny", seed: int = 0, device: str = "cpu") -> An
         text_encoder_3=None,
         tokenizer_3=None,
     )
+
+
+TINY_FLUX_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 16,
+    "pooled_projection_dim": 8,
+    "guidance_embeds": False,
+    "axes_dims_rope": (2, 2, 4),
+}
+
+
+def build_flux_pipeline(arch: str = "tiny", seed: int = 0, device: str = "cpu") -> Any:
+    """Random-weight ``FluxPipeline`` without text encoders: FLUX.1-dev's transformer config
+    (``arch="flux"``, 12 B parameters, bf16 on CUDA) and VAE layout, or a tiny one."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    full = arch == "flux"
+    config = FluxArchitecture.full_config if full else TINY_FLUX_TRANSFORMER
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # 12 B parameters: never materialize them in fp32
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    blocks = (128, 256, 512, 512) if full else (4, 4)
+    with torch.device(device):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=config["in_channels"] // 4,
+            down_block_types=("DownEncoderBlock2D",) * len(blocks),
+            up_block_types=("UpDecoderBlock2D",) * len(blocks),
+            block_out_channels=blocks,
+            layers_per_block=2 if full else 1,
+            norm_num_groups=32 if full else 1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FluxArchitecture.scheduler_config)
+    return FluxPipeline(scheduler, vae, None, None, None, None, transformer)
 
 
 def make_config(**overrides: Any) -> SimpleNamespace:
@@ -202,6 +260,7 @@ def timestep_loop(up: UpstreamFlowGRPO) -> CodeType:
             isinstance(node, ast.For)
             and isinstance(node.target, ast.Name)
             and node.target.id == "j"
+            and "train_timesteps" in ast.unparse(node.iter)
         ):
             return compile(ast.Module(body=[node], type_ignores=[]), "train_sd3.main", "exec")
     raise RuntimeError("train_sd3.main has no `for j in ...` loop")
@@ -250,6 +309,82 @@ def run_timestep_loop(
         "epoch": 0,
         "inner_epoch": 0,
         "global_step": global_step,
+    }
+    exec(timestep_loop(up), namespace)
+    return int(namespace["global_step"])
+
+
+def flux_rollout(
+    up: UpstreamFlowGRPO,
+    pipeline: Any,
+    config: SimpleNamespace,
+    *,
+    batch: int,
+    seq: int,
+    resolution: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``train_flux.py``'s sampling call on random prompt embeddings, and the sample dict
+    its ``main`` builds from it."""
+    cfg = pipeline.transformer.config
+    device, dtype = pipeline.transformer.device, pipeline.transformer.dtype
+    prompt_embeds = torch.randn(batch, seq, cfg.joint_attention_dim, generator=generator)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=generator)
+    prompt_embeds, pooled = prompt_embeds.to(device, dtype), pooled.to(device, dtype)
+    with autocast(device):
+        images, latents, image_ids, _, log_probs = getattr(up.train_module, up.spec.rollout)(
+            pipeline,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+            num_inference_steps=config.sample.num_steps,
+            guidance_scale=config.sample.guidance_scale,
+            output_type="pt",
+            height=resolution,
+            width=resolution,
+            noise_level=config.sample.noise_level,
+        )
+    stacked = torch.stack(latents, dim=1)
+    sample = {
+        "prompt_embeds": prompt_embeds,
+        "pooled_prompt_embeds": pooled,
+        "image_ids": image_ids.unsqueeze(0).repeat(batch, 1, 1),
+        "timesteps": pipeline.scheduler.timesteps.repeat(batch, 1),
+        "latents": stacked[:, :-1],
+        "next_latents": stacked[:, 1:],
+        "log_probs": torch.stack(log_probs, dim=1),
+    }
+    return images, sample
+
+
+def run_train_loop(
+    up: UpstreamFlowGRPO,
+    pipeline: Any,
+    sample: dict[str, Tensor],
+    config: SimpleNamespace,
+    accelerator: Any,
+    optimizer: Any,
+    steps: int,
+    **names: Any,
+) -> int:
+    """Execute the ``for j in train_timesteps`` loop of any supported script's ``main`` for
+    one training batch over ``steps`` timesteps; ``names`` are the loop's other free names
+    (``transformer``, and ``embeds``/``pooled_embeds`` for SD3). Returns ``global_step``."""
+    namespace = {
+        **up.train_module.__dict__,
+        "tqdm": lambda it, **_: it,
+        "train_timesteps": list(range(steps)),
+        "accelerator": accelerator,
+        "transformer": pipeline.transformer,
+        "pipeline": pipeline,
+        "sample": sample,
+        "config": config,
+        "optimizer": optimizer,
+        "autocast": lambda: autocast(pipeline.transformer.device),
+        "info": defaultdict(list),
+        "epoch": 0,
+        "inner_epoch": 0,
+        "global_step": 0,
+        **names,
     }
     exec(timestep_loop(up), namespace)
     return int(namespace["global_step"])

@@ -26,8 +26,16 @@ from .kl import KLPenalty
 from .loss import GuardedPPOLoss
 from .loss_config import LossConfig
 from .output import LossOutput
-from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
+from .ratio import (
+    BatchRatioNorm,
+    IdentityRatio,
+    MeanRevisedRatio,
+    RatioNorm,
+    RatioNormalizer,
+    VelocityRatio,
+)
 from .reweight import (
+    BatchInverseDtWeight,
     CustomWeight,
     DanceBetaWeight,
     EqualizingWeight,
@@ -45,6 +53,8 @@ __all__ = [
     "METRIC_NAMES",
     "AdaptiveClip",
     "AsymmetricClip",
+    "BatchInverseDtWeight",
+    "BatchRatioNorm",
     "ClippedSurrogate",
     "CustomWeight",
     "DanceBetaWeight",

@@ -16,8 +16,21 @@ from typing import Literal, NamedTuple
 
 from .kernels import TransitionKernel, make_kernel
 from .kl import KLPenalty
-from .ratio import IdentityRatio, MeanRevisedRatio, RatioNorm, RatioNormalizer, VelocityRatio
-from .reweight import EqualizingWeight, InverseDtWeight, TimestepReweighter, UniformWeight
+from .ratio import (
+    BatchRatioNorm,
+    IdentityRatio,
+    MeanRevisedRatio,
+    RatioNorm,
+    RatioNormalizer,
+    VelocityRatio,
+)
+from .reweight import (
+    BatchInverseDtWeight,
+    EqualizingWeight,
+    InverseDtWeight,
+    TimestepReweighter,
+    UniformWeight,
+)
 from .surrogate import ClippedSurrogate, PPOClip
 
 __all__ = [
@@ -102,6 +115,10 @@ def _uniform(cfg: LossConfig) -> TimestepReweighter:
     return UniformWeight()
 
 
+def _batch_inverse_dt(cfg: LossConfig) -> TimestepReweighter:
+    return BatchInverseDtWeight()
+
+
 def _guard_weight(cfg: LossConfig) -> TimestepReweighter:
     choice = cfg.reweight
     if choice == "auto":
@@ -115,6 +132,7 @@ PRESET_SPECS: dict[str, PresetSpec] = {
     "mean_revised": PresetSpec(MeanRevisedRatio, _uniform, 1e-4),
     "ratio_norm": PresetSpec(RatioNorm, _uniform, 2e-6),
     "grpo_guard": PresetSpec(RatioNorm, _guard_weight, 2e-6, reweightable=True),
+    "grpo_guard_official": PresetSpec(BatchRatioNorm, _batch_inverse_dt, 2e-6, True, "sigma"),
     "velocity_guard": PresetSpec(VelocityRatio, _uniform, 2e-5),
 }
 """The registry: preset name -> its parts (see :mod:`regclip.presets` for each one's

@@ -13,6 +13,9 @@ preset                     normalizer          reweighter            reproduces
                                                                      extension
 =========================  ==================  ====================  ==========================
 
+:func:`grpo_guard_official` is the GRPO-Guard authors' own ``train_sd3_GRPO_Guard.py``
+loss (batch-mean RatioNorm scale and bias, batch inverse-dt weight), for parity runs.
+
 All take ``clip_range`` (symmetric PPO clip) and ``adv_clip`` (advantage clamp); the
 kernel-aware ones take ``sde``/``eta`` or a ready ``kernel`` (e.g.
 ``FlowSDE.from_sigmas(scheduler.sigmas)``, needed for the t = 1 step of a Flow-SDE). Each
@@ -38,7 +41,7 @@ from .adaptive import AdaptiveClip
 from .kernels import TransitionKernel
 from .loss import GuardedPPOLoss
 from .loss_config import SDE, LossConfig, Reweight, build_parts
-from .ratio import IdentityRatio, RatioNorm, RatioNormalizer, VelocityRatio
+from .ratio import BatchRatioNorm, IdentityRatio, RatioNorm, RatioNormalizer, VelocityRatio
 from .reweight import UniformWeight
 from .trust_region import KLMask
 
@@ -50,6 +53,7 @@ __all__ = [
     "flow_grpo",
     "from_name",
     "grpo_guard",
+    "grpo_guard_official",
     "kl_mask",
     "mean_revised",
     "ratio_norm",
@@ -143,6 +147,37 @@ def velocity_guard(
     return build(config, kernel)
 
 
+def grpo_guard_official(
+    sde: SDE = "flow",
+    clip_range: float = 2e-6,
+    adv_clip: float | None = 5.0,
+    eta: float | None = None,
+    kl_coef: float = 0.0,
+    kernel: TransitionKernel | None = None,
+    source: Literal["auto", "closed_form", "log_prob"] = "auto",
+) -> GuardedPPOLoss:
+    """The GRPO-Guard authors' loss, ``scripts/train_sd3_GRPO_Guard.py`` with
+    ``rationorm=True``, batch-mean scale and bias included (:class:`regclip.BatchRatioNorm`):
+    ``mean(max(-A rho, -A clip(rho))) / mean_B(sqrt(-dt))^2`` with
+    ``rho = exp(S (log_prob - old_log_prob + mean_{B,D}(Delta^2) / (2 S^2)))`` and
+    ``S = mean_B(sqrt(-dt)) mean_B(sigma_t)``. The KL (``kl_coef``, upstream's ``beta``)
+    divides by sigma_t^2 as that script does. ``source="log_prob"`` repeats the script's
+    arithmetic (log-prob difference); the default takes the closed form when the means are
+    given (equal up to rounding). Written for Flow-SDE batches at one step;
+    ``sde``/``eta``/``kernel`` only set the loss's kernel (for diagnostics).
+    """
+    config = LossConfig("grpo_guard_official", clip_range, adv_clip, kl_coef, sde, eta)
+    parts = build_parts(config, kernel)
+    return GuardedPPOLoss(
+        BatchRatioNorm(source),
+        parts.reweighter,
+        parts.surrogate,
+        kernel=parts.kernel,
+        adv_clip=parts.adv_clip,
+        kl=parts.kl,
+    )
+
+
 def adaptive_guard(
     sde: SDE = "flow",
     times: Tensor | Sequence[float] | None = None,
@@ -224,6 +259,7 @@ PRESETS: dict[str, Callable[..., GuardedPPOLoss]] = {
     "mean_revised": mean_revised,
     "ratio_norm": ratio_norm,
     "grpo_guard": grpo_guard,
+    "grpo_guard_official": grpo_guard_official,
     "velocity_guard": velocity_guard,
     "adaptive_guard": adaptive_guard,
     "kl_mask": kl_mask,

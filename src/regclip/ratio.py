@@ -23,6 +23,12 @@ normalizer                    debias    scale_t         closed form
 ``c_t = d mu / d v`` is the kernel's velocity slope. ``RatioNorm`` is GRPO-Guard's Eq. 8
 (``s * (log_prob - old_log_prob + b_t)`` as the public implementations write it).
 
+:class:`BatchRatioNorm` is the parity option for the GRPO-Guard authors' own script
+(Flow-GRPO's ``scripts/train_sd3_GRPO_Guard.py``, ``rationorm=True``): one scale
+``S = mean_B(sqrt(-dt)) * mean_B(sigma_t)`` and one bias ``mean_{B,D}(Delta^2) / (2 S^2)``
+for the whole batch instead of per sample. Pair it with
+:class:`regclip.reweight.BatchInverseDtWeight` (preset ``grpo_guard_official``).
+
 The closed form needs ``mean``, ``old_mean`` and ``next_sample`` and never subtracts two
 large log-probs; the log-prob route uses ``log_prob - old_log_prob`` (upstream Gaussian
 convention) and, when debiasing, the means for ``b_t``. ``source="auto"`` takes the closed
@@ -39,6 +45,7 @@ from torch import Tensor, nn
 from .batch import TransitionBatch
 
 __all__ = [
+    "BatchRatioNorm",
     "IdentityRatio",
     "MeanRevisedRatio",
     "RatioNorm",
@@ -63,6 +70,10 @@ class RatioNormalizer(nn.Module):
         scale: ``"none"``, ``"std"`` (multiply by s_t) or ``"velocity"`` (by s_t / |c_t|).
         source: where ``log rho`` comes from (``"auto"``, ``"closed_form"``, ``"log_prob"``).
     """
+
+    fusable: bool = True
+    """Whether the fused kernels (:mod:`regclip.fused`) compute this normalizer; a subclass
+    whose formula they do not implement sets it to ``False`` (the eager path then runs)."""
 
     def __init__(self, *, debias: bool, scale: Scale = "none", source: Source = "auto") -> None:
         super().__init__()
@@ -158,3 +169,61 @@ def VelocityRatio(source: Source = "auto") -> RatioNormalizer:
     gradient with respect to the velocity do not depend on the step.
     """
     return RatioNormalizer(debias=True, scale="velocity", source=source)
+
+
+class BatchRatioNorm(RatioNormalizer):
+    r"""RatioNorm with batch-mean scale and bias, as the GRPO-Guard authors' script has it.
+
+    ``r_i = S (log rho_i + mean_{B,D}(Delta^2) / (2 S^2))`` with one scale for the batch,
+    ``S = mean_B(sqrt(-dt)) * mean_B(sigma_t)`` (``sigma_t = s_t / sqrt(-dt)``). In
+    ``scripts/train_sd3_GRPO_Guard.py`` the bias's mean over
+    ``dim=tuple(range(1, log_prob.ndim))`` of a (B,) log-prob is an empty tuple, which torch
+    reads as "every dim": the bias is one scalar averaged over the whole batch. When every
+    sample is at the same step and the drifts ``Delta`` have similar size across the batch
+    this is close to :func:`RatioNorm`; when they differ the gradients differ (the per-sample
+    bias re-centres each sample's ratio, this one only the batch's average).
+
+    ``source="log_prob"`` is the authors' route (``log_prob - old_log_prob`` in upstream's
+    Gaussian convention, plus the bias from the means), the same arithmetic as theirs;
+    ``"closed_form"`` forms ``log rho_i`` from the means (equal up to rounding, without the
+    cancellation of two large log-probs); ``"auto"`` takes the closed form when the means
+    are given. Not fusable: the fused kernels implement the per-sample bias only.
+    """
+
+    fusable = False
+
+    def __init__(self, source: Source = "auto") -> None:
+        super().__init__(debias=True, scale="std", source=source)
+
+    @property
+    def name(self) -> str:
+        return "batch_ratio_norm"
+
+    def batch_scale(self, batch: TransitionBatch) -> Tensor:
+        """0-d ``S = mean_B(sqrt(-dt)) * mean_B(s_t / sqrt(-dt))``."""
+        dtype = batch.compute_dtype()
+        sqrt_dt = torch.sqrt(batch.dt.to(dtype).abs())
+        return sqrt_dt.mean() * (batch.std.to(dtype) / sqrt_dt).mean()
+
+    def scale_factor(self, batch: TransitionBatch) -> Tensor:
+        return self.batch_scale(batch).expand(batch.std.shape).to(batch.std.dtype)
+
+    def forward(self, batch: TransitionBatch) -> Tensor:
+        dtype = batch.compute_dtype()
+        scale = self.batch_scale(batch)
+        mean, old_mean, next_sample = batch.require_means(f"the bias term of {self.name}")
+        delta = mean.to(dtype) - old_mean.detach().to(dtype)
+        if self._use_closed_form(batch):
+            std = batch.std.to(dtype)
+            old = old_mean.detach().to(dtype)
+            cross = _mean_dims((next_sample.detach().to(dtype) - old) * delta)
+            log_ratio = (cross - 0.5 * _mean_dims(delta**2)) / std**2
+        else:
+            if not batch.has_log_probs:
+                raise ValueError(
+                    f"the log-prob {self.name} ratio needs `log_prob` and `old_log_prob`"
+                )
+            assert batch.log_prob is not None and batch.old_log_prob is not None
+            log_ratio = batch.log_prob.to(dtype) - batch.old_log_prob.to(dtype)
+        bias = (delta**2).mean() / (2 * scale**2)
+        return (log_ratio + bias) * scale

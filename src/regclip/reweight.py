@@ -13,6 +13,8 @@ Which published variant each option reproduces:
 * :class:`InverseDtWeight` -- the public GRPO-Guard code for Flow-SDE (surrogate divided
   by ``-dt``). For Flow-SDE with RatioNorm ``k_t = (1 + eta^2 / 2) dt`` below t = 1, so
   this is equalizing up to a constant; at the t = 1 step it is not exact.
+* :class:`BatchInverseDtWeight` -- the GRPO-Guard authors' script: the batch's loss
+  divided by ``mean_B(sqrt(-dt))^2``, one weight for the whole batch.
 * :class:`DanceBetaWeight` -- one public reading for DanceGRPO, ``beta_t / |dt|`` with
   ``beta_t = 1 + eta^2 (1 - t) / (2t)``. With RatioNorm ``k_t = beta_t dt``, so it leaves
   a ``beta_t^2`` dependence; the equalizing weight is ``1 / (beta_t |dt|)``.
@@ -33,6 +35,7 @@ from .batch import TransitionBatch
 from .ratio import RatioNormalizer
 
 __all__ = [
+    "BatchInverseDtWeight",
     "CustomWeight",
     "DanceBetaWeight",
     "EqualizingWeight",
@@ -67,6 +70,20 @@ class InverseDtWeight(TimestepReweighter):
 
     def forward(self, batch: TransitionBatch, normalizer: RatioNormalizer) -> Tensor:
         return 1.0 / batch.dt.abs()
+
+
+class BatchInverseDtWeight(TimestepReweighter):
+    """``w = 1 / mean_B(sqrt(|dt|))^2`` for every sample (``train_sd3_GRPO_Guard.py``).
+
+    Equal to :class:`InverseDtWeight` when the batch shares one step, as the authors'
+    micro-batches do.
+    """
+
+    name = "batch_inverse_dt"
+
+    def forward(self, batch: TransitionBatch, normalizer: RatioNormalizer) -> Tensor:
+        scale = torch.sqrt(batch.dt.abs()).mean()
+        return (1.0 / scale**2).expand(batch.std.shape)
 
 
 class DanceBetaWeight(TimestepReweighter):

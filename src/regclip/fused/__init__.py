@@ -86,6 +86,7 @@ def supports(
         loss_fn.kl is None
         and type(loss_fn.surrogate) is ClippedSurrogate
         and loss_fn.normalizer.source != "log_prob"
+        and loss_fn.normalizer.fusable
         and all(v.dtype in _DTYPES and v.device == mean.device for v in latents)
         and mean.ndim >= 2
         and 0 < mean.shape[0] <= MAX_BATCH

@@ -1,0 +1,310 @@
+"""What the Flow-GRPO adapter costs inside upstream's own training step, side by side in
+one process, on the full-size SD3.5-M and FLUX.1-dev transformers (random bf16 weights,
+LoRA r=32 as upstream trains them, random prompt embeddings, stand-in rewards).
+
+Per architecture, on one rollout made by upstream's sampling function (``train_sd3.py`` /
+``train_flux.py`` of Flow-GRPO 9745241) under the adapter, the ``for j in train_timesteps``
+loop of upstream's ``main`` (recompute + loss + backward over K trained steps, one
+micro-batch; the optimizer step is left out, it is the same in every mode) is timed:
+
+* ``upstream``: unpatched, upstream's vanilla loss;
+* ``grpo_guard``: patched, regclip's ``grpo_guard`` (eager PyTorch);
+* ``grpo_guard_fused``: patched, the same loss through the fused Triton kernels;
+
+interleaved, ``--repeats`` times each after a warm-up. Also timed: upstream's rollout
+unpatched and patched (the mean recording), and regclip's own trainer (``regclip train``:
+:class:`regclip.trainer.GRPOTrainer`, ``grpo_guard``) on the same model config, resolution,
+steps and batch. Writes compact JSON with the GPU name.
+
+    # on the GPU machine (about 4 minutes on one H200)
+    REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo@9745241 PYTHONPATH=src:. \\
+        python benchmarks/upstream_overhead.py --out benchmarks/results/upstream_overhead.json
+    # CPU check of the script (tiny configs)
+    REGCLIP_FLOW_GRPO_SRC=... PYTHONPATH=src:. python benchmarks/upstream_overhead.py \\
+        --tiny --device cpu --out /tmp/upstream_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "src", ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from integrations.common import RegclipOptions  # noqa: E402
+from integrations.standins import install_standins  # noqa: E402
+
+MODES = ("upstream", "grpo_guard", "grpo_guard_fused")
+# Flow-GRPO's recipes at 512 px: SD3.5-M 10 steps, CFG 4.5 in training (train.cfg),
+# 9 trained steps; Flux 16 steps here (embedded guidance 3.5), 9 trained steps. Micro-batch
+# 4 (SD3, doubled by CFG) and 2 (Flux) keep both within one H200 without checkpointing.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "sd3": {"resolution": 512, "num_steps": 10, "trained": 9, "batch": 4, "seq": 333},
+    "flux": {"resolution": 512, "num_steps": 16, "trained": 9, "batch": 2, "seq": 512},
+}
+TINY: dict[str, Any] = {"resolution": 16, "num_steps": 4, "trained": 3, "batch": 2, "seq": 8}
+SCRIPT = {"sd3": "train_sd3", "flux": "train_flux"}
+LORA_TARGETS = {
+    "sd3": [
+        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+        "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+    ],
+    "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"],
+}  # fmt: skip
+
+
+class _NoStep:
+    def step(self) -> None:
+        return None
+
+    def zero_grad(self) -> None:
+        return None
+
+
+class _Prepared(torch.nn.Module):
+    """``accelerator.prepare``'s wrapper: train_flux.py reads ``transformer.module``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Any) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _config(arch: str, s: dict[str, Any]) -> Any:
+    from integrations.flow_grpo import smoke
+
+    guidance = 4.5 if arch == "sd3" else 3.5
+    return smoke.make_config(
+        sample__num_steps=s["num_steps"],
+        sample__guidance_scale=guidance,
+        train__clip_range=1e-4,
+        train__max_grad_norm=1.0,
+    )
+
+
+def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
+                   device: torch.device, repeats: int) -> dict[str, Any]:  # fmt: skip
+    from accelerate import Accelerator
+    from integrations.flow_grpo import smoke
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter, load_upstream
+    from peft import LoraConfig, get_peft_model
+
+    up = load_upstream(src, SCRIPT[arch])
+    start = time.perf_counter()
+    dev = device.type
+    if arch == "sd3":
+        pipe = smoke.build_pipeline("tiny" if tiny else "sd35m", seed=0, device=dev)
+    else:
+        pipe = smoke.build_flux_pipeline("tiny" if tiny else "flux", seed=0, device=dev)
+    pipe.transformer.requires_grad_(False)
+    pipe.transformer = get_peft_model(
+        pipe.transformer,
+        LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian",
+                   target_modules=LORA_TARGETS[arch]),
+    )  # fmt: skip
+    _sync(device)
+    build_s = time.perf_counter() - start
+    config = _config(arch, s)
+    generator = torch.Generator().manual_seed(0)
+    up.train_module.wandb = smoke.RecordingLogger()
+    recorder = FlowGRPOAdapter(up, RegclipOptions(preset="flow_grpo"))
+
+    def rollout() -> tuple[Any, dict[str, Any]]:
+        with torch.no_grad():
+            if arch == "sd3":
+                embeds = smoke.random_embeddings(pipe, s["batch"], s["seq"], generator)
+                _, sample = smoke.rollout(up, pipe, embeds, config, s["resolution"])
+                return embeds, sample
+            _, sample = smoke.flux_rollout(
+                up, pipe, config, batch=s["batch"], seq=s["seq"],
+                resolution=s["resolution"], generator=generator,
+            )  # fmt: skip
+            return None, sample
+
+    rollout()  # warm-up, unpatched
+    rollout_unpatched = _timed(device, rollout)
+    with recorder:
+        rollout_patched = _timed(device, rollout)
+        embeds, sample = rollout()
+    rewards = torch.randn(s["batch"], generator=generator)  # stand-in rewards
+    sample = smoke.with_advantages(sample, rewards, group=2, steps=s["trained"])
+    names: dict[str, Any] = {}
+    if arch == "sd3":
+        assert embeds is not None
+        names["embeds"] = torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]])
+        names["pooled_embeds"] = torch.cat(
+            [embeds["negative_pooled_prompt_embeds"], embeds["pooled_prompt_embeds"]]
+        )
+    else:
+        names["transformer"] = _Prepared(pipe.transformer)
+
+    adapters = {
+        "grpo_guard": FlowGRPOAdapter(up, RegclipOptions(preset="grpo_guard")),
+        "grpo_guard_fused": FlowGRPOAdapter(up, RegclipOptions(preset="grpo_guard", fused=True)),
+    }
+    for adapter in adapters.values():
+        adapter.store = recorder.store
+
+    def step(mode: str) -> float:
+        def run(accelerator_cls: Any) -> None:
+            smoke.run_train_loop(
+                up, pipe, sample, config, accelerator_cls(gradient_accumulation_steps=s["trained"]),
+                _NoStep(), s["trained"], **names,
+            )  # fmt: skip
+
+        if mode == "upstream":
+            seconds = _timed(device, lambda: run(Accelerator))
+        else:
+            with adapters[mode]:
+                seconds = _timed(device, lambda: run(up.train_module.Accelerator))
+        pipe.transformer.zero_grad(set_to_none=True)
+        return seconds
+
+    for mode in MODES:  # warm-up (and the fused kernels' compilation)
+        step(mode)
+    runs: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(repeats):
+        for mode in MODES:
+            runs[mode].append(step(mode))
+    median = {m: statistics.median(v) for m, v in runs.items()}
+    fused_used = None
+    guard = adapters["grpo_guard_fused"].loss_fn
+    if guard is not None:
+        from regclip.fused import is_available
+
+        fused_used = bool(is_available(device))
+    result = {
+        "script": f"scripts/{SCRIPT[arch]}.py",
+        "upstream_commit": up.commit,
+        "settings": {**s, "lora_rank": 32, "params_billion": _params(pipe.transformer)},
+        "build_s": round(build_s, 2),
+        "train_step_s": {m: round(v, 4) for m, v in median.items()},
+        "patch_overhead_pct": {
+            m: round(100 * (median[m] / median["upstream"] - 1), 2) for m in MODES[1:]
+        },
+        "rollout_s": {
+            "upstream": round(rollout_unpatched, 4),
+            "patched": round(rollout_patched, 4),
+        },
+        "fused_kernels_ran": fused_used,
+        "runs_s": {m: [round(x, 4) for x in v] for m, v in runs.items()},
+    }
+    return result
+
+
+def _params(model: torch.nn.Module) -> float:
+    return round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+
+
+def bench_regclip_train(arch: str, s: dict[str, Any], tiny: bool, device: torch.device,
+                        repeats: int) -> dict[str, Any]:  # fmt: skip
+    """``regclip train``'s step (GRPOTrainer, grpo_guard) on the same model config."""
+    import real_arch
+    from regclip.trainer import build_loss
+
+    settings = real_arch.TINY if tiny else real_arch.SETTINGS[arch]
+    saved = dict(settings)
+    settings.update(
+        resolution=s["resolution"],
+        num_steps=s["num_steps"],
+        sde_steps=list(range(s["trained"])),
+        group_size=s["batch"],
+    )
+    try:
+        trainer = real_arch.build_trainer(arch, tiny, device)
+    finally:
+        settings.clear()
+        settings.update(saved)
+    trainer.loss_fn = build_loss("grpo_guard", trainer.kernel, trainer.config.sde)
+    real_arch.time_iteration(trainer)  # warm-up
+    runs = [real_arch.time_iteration(trainer) for _ in range(repeats)]
+    out = {
+        "train_step_s": round(statistics.median(float(r["train_step_s"] or 0) for r in runs), 4),
+        "rollout_s": round(statistics.median(float(r["rollout_s"] or 0) for r in runs), 4),
+        "gradient_checkpointing": trainer.config.gradient_checkpointing,
+        "batch_size": trainer.config.batch_size,
+    }
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", default=["sd3", "flux"], choices=sorted(SETTINGS))
+    parser.add_argument("--tiny", action="store_true", help="tiny configs: a CPU check")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--src", default=os.environ.get("REGCLIP_FLOW_GRPO_SRC"))
+    parser.add_argument("--skip_regclip_train", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/upstream_overhead.json")
+    args = parser.parse_args(argv)
+    if not args.src:
+        parser.error("set REGCLIP_FLOW_GRPO_SRC (or --src) to a Flow-GRPO 9745241 checkout")
+    install_standins(["absl", "ml_collections", "wandb"])
+    device = torch.device(args.device)
+    import diffusers
+
+    report: dict[str, Any] = {
+        "benchmark": "benchmarks/upstream_overhead.py",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": device.type,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "tiny": args.tiny,
+        "repeats": args.repeats,
+        "archs": {},
+    }
+    start = time.perf_counter()
+    for arch in args.arch:
+        s = dict(TINY if args.tiny else SETTINGS[arch])
+        entry: dict[str, Any] = {}
+        try:
+            entry = bench_upstream(arch, args.src, s, args.tiny, device, args.repeats)
+            if device.type == "cuda":  # the upstream pipeline is gone: free its memory
+                torch.cuda.empty_cache()
+            if not args.skip_regclip_train:
+                entry["regclip_train"] = bench_regclip_train(
+                    arch, s, args.tiny, device, max(args.repeats - 1, 1)
+                )
+        except Exception as error:  # keep the other architecture's numbers
+            entry["error"] = f"{type(error).__name__}: {error}"[:500]
+        report["archs"][arch] = entry
+        print(f"[{arch}] {json.dumps(entry)}", flush=True)
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out} in {report['total_s']} s")
+    return 1 if any("error" in e for e in report["archs"].values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
