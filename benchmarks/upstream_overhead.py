@@ -226,7 +226,12 @@ def bench_regclip_train(arch: str, s: dict[str, Any], tiny: bool, device: torch.
                         repeats: int) -> dict[str, Any]:  # fmt: skip
     """``regclip train``'s step (GRPOTrainer, grpo_guard) on the same model config."""
     import real_arch
+    from accelerate.state import AcceleratorState
+
     from regclip.trainer import build_loss
+
+    # upstream's Accelerator (another mixed precision) ran in this process first
+    AcceleratorState._reset_state(reset_partial_state=True)
 
     settings = real_arch.TINY if tiny else real_arch.SETTINGS[arch]
     saved = dict(settings)
@@ -265,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", default=os.environ.get("REGCLIP_FLOW_GRPO_SRC"))
     parser.add_argument("--skip_regclip_train", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/upstream_overhead.json")
+    parser.add_argument(
+        "--sdpa",
+        choices=["default", "no-cudnn"],
+        default="default",
+        help="no-cudnn: turn cuDNN attention off (FLUX's backward failed under it on an H100)",
+    )
     args = parser.parse_args(argv)
+    if args.sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if not args.src:
         parser.error("set REGCLIP_FLOW_GRPO_SRC (or --src) to a Flow-GRPO 9745241 checkout")
     install_standins(["absl", "ml_collections", "wandb"])
@@ -280,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers": diffusers.__version__,
         "tiny": args.tiny,
         "repeats": args.repeats,
+        "sdpa": args.sdpa,
         "archs": {},
     }
     start = time.perf_counter()
