@@ -53,17 +53,35 @@ def _mean_curve(runs: list[dict[str, Any]], grid: list[float]) -> tuple[list[flo
     return xs, ys
 
 
+def _slice(run: dict[str, Any]) -> tuple[str, int, int]:
+    """(kernel, image side, passes): runs are compared only within a slice."""
+    return run["sde"], run.get("size", 0), run["passes"]
+
+
+def _main_slice(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of the slice with the most runs (the clip-range frontier)."""
+    counts: dict[tuple[str, int, int], int] = defaultdict(int)
+    for r in runs:
+        counts[_slice(r)] += 1
+    top = max(counts, key=lambda k: counts[k])
+    return [r for r in runs if _slice(r) == top]
+
+
 def _frontier(runs: list[dict[str, Any]], path: Path) -> None:
-    panels = sorted({(r["sde"], r["passes"]) for r in runs})
+    panels = sorted({_slice(r) for r in runs})
     methods = sorted({r["method"] for r in runs})
     colors = _colors(methods)
     top = max(r["curve"][-1]["proxy"] - r["curve"][0]["proxy"] for r in runs)
     grid = [top * i / 40 for i in range(1, 41)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (sde, passes) in zip(axes[0], panels, strict=True):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (sde, size, passes) in zip(axes.flat, panels, strict=False):
         groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
         for r in runs:
-            if (r["sde"], r["passes"]) == (sde, passes):
+            if _slice(r) == (sde, size, passes):
                 groups[(r["method"], r["clip_scale"])].append(r)
         for (method, scale), group in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
             xs, ys = _mean_curve(group, grid)
@@ -72,14 +90,15 @@ def _frontier(runs: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("proxy gain (rater's contrast, minus its value at the start)")
         ax.set_ylabel("gold change from the start (contrast - residual)")
-        ax.set_title(f"{sde}-SDE, {passes} pass(es) per rollout")
-    axes[0][-1].legend(fontsize=6, ncol=2)
+        ax.set_title(f"{sde}-SDE, D = {size * size}, {passes} pass(es) per rollout", fontsize=9)
+        ax.legend(fontsize=5, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
 def _speed(runs: list[dict[str, Any]], path: Path) -> None:
+    runs = _main_slice(runs)
     methods = sorted({r["method"] for r in runs})
     colors = _colors(methods)
     levels = gain_levels(runs, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8))
@@ -113,7 +132,7 @@ def _speed(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def _hacking(runs: list[dict[str, Any]], path: Path) -> None:
-    vanilla = [r for r in runs if r["method"] in ("flow_grpo", "flow_grpo_dance") and r["clip_scale"] == 1.0]
+    vanilla = [r for r in _main_slice(runs) if r["method"] in ("flow_grpo", "flow_grpo_dance") and r["clip_scale"] == 1.0]
     if not vanilla:
         return
     keys = (("proxy", "proxy (rater)"), ("gold", "gold (exact fit)"), ("hack", "hack: background brightness"))
@@ -125,13 +144,14 @@ def _hacking(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("GRPO iteration")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=6)
-    fig.suptitle("vanilla at its calibrated clip range: the proxy rises, the gold falls")
+    fig.suptitle("vanilla at its calibrated clip range (one line per seed): the proxy rises, the gold falls")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
 def _clip_by_step(runs: list[dict[str, Any]], path: Path) -> None:
+    runs = _main_slice(runs)
     methods = sorted({r["method"] for r in runs})
     colors = _colors(methods)
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -154,26 +174,31 @@ def _clip_by_step(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+SAMPLE_ROWS = ("flow_grpo", "flow_grpo_kl", "grpo_guard", "ratio_norm", "velocity_guard",
+               "adaptive_guard", "kl_mask")  # fmt: skip
+"""Methods shown in ``samples.png`` (4 passes; calibrated clip, adaptive ranges)."""
+
+
 def _samples(samples: dict[str, torch.Tensor], path: Path) -> None:
-    keys = sorted({k.rsplit("|", 1)[0] for k in samples if k.endswith("|end")})
-    keys = [k for k in keys if k.split("|")[1] in ("1.0", "None")][:8]
-    if not keys:
+    def key(method: str) -> str:
+        return f"{method}|{None if method == 'adaptive_guard' else 1.0}|4"
+
+    methods = [m for m in SAMPLE_ROWS if f"{key(m)}|end" in samples]
+    if not methods:
         return
-    n = min(6, samples[f"{keys[0]}|end"].shape[0])
-    fig, axes = plt.subplots(len(keys) + 1, n, figsize=(1.4 * n, 1.5 * (len(keys) + 1)), squeeze=False)
-    rows = [("pretrained (start)", samples[f"{keys[0]}|start"])] + [
-        (f"{k.split('|')[0]} {_label(None if k.split('|')[1] == 'None' else float(k.split('|')[1]))}", samples[f"{k}|end"])
-        for k in keys
-    ]
+    first = samples[f"{key(methods[0])}|start"]
+    n = min(6, first.shape[0])
+    fig, axes = plt.subplots(len(methods) + 1, n, figsize=(1.5 * n + 1.5, 1.5 * (len(methods) + 1)), squeeze=False)
+    rows = [("pretrained (start)", first)] + [(f"{m} (end)", samples[f"{key(m)}|end"]) for m in methods]
     for row, (title, images) in zip(axes, rows, strict=True):
         for j, ax in enumerate(row):
             ax.imshow(images[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(title, fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle("seed 0, fixed noise: start (top) and end of training per method", fontsize=8)
+        row[0].set_ylabel(title, fontsize=8, rotation=0, ha="right", va="center")
+    fig.suptitle("first GRPO seed, fixed ODE noise, 4 passes, calibrated clip: start and end of training", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
