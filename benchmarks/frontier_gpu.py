@@ -37,7 +37,9 @@ GPU = dataclasses.replace(DemoConfig(), **PRESET_BUDGETS["gpu"], device="cuda")
 
 
 def _grid(methods, scales, passes, seeds):
-    return [RunSpec(m, s, p, seed) for m in methods for s in scales for p in passes for seed in seeds]
+    return [
+        RunSpec(m, s, p, seed) for m in methods for s in scales for p in passes for seed in seeds
+    ]
 
 
 Shard = tuple[dict, list[RunSpec]]
@@ -53,13 +55,17 @@ def plan_pilot() -> tuple[DemoConfig, list[list[Shard]]]:
     grid = _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (0.25, 1.0, 4.0, None), (4,), seeds)
     grid += _grid(("adaptive_guard",), (None,), (4,), seeds)
     grid += _grid(("kl_mask", "flow_grpo_kl"), (1.0,), (4,), seeds)
-    dance = _grid(("flow_grpo_dance", "grpo_guard_dance", "adaptive_guard_dance"), (1.0,), (4,), seeds)
-    return GPU, [[
-        ({"lr": 1e-4}, grid),
-        ({"lr": 3e-4}, grid),
-        ({"lr": 1e-4}, dance),
-        ({"lr": 1e-4}, _grid(("flow_grpo", "grpo_guard"), (1.0,), (16,), seeds)),
-    ]]
+    dance = _grid(
+        ("flow_grpo_dance", "grpo_guard_dance", "adaptive_guard_dance"), (1.0,), (4,), seeds
+    )
+    return GPU, [
+        [
+            ({"lr": 1e-4}, grid),
+            ({"lr": 3e-4}, grid),
+            ({"lr": 1e-4}, dance),
+            ({"lr": 1e-4}, _grid(("flow_grpo", "grpo_guard"), (1.0,), (16,), seeds)),
+        ]
+    ]
 
 
 SMALL = {"size": 32, "patch": 4, "pretrain_steps": 2000}
@@ -75,21 +81,30 @@ def plan_main() -> tuple[DemoConfig, list[list[Shard]]]:
     wave1 = [
         ({}, _grid(("flow_grpo", "grpo_guard"), scales, (4,), seeds)),
         ({}, _grid(("velocity_guard", "ratio_norm"), scales, (4,), seeds)),
-        ({}, _grid(("flow_grpo_kl",), scales, (4,), seeds)
-         + _grid(("adaptive_guard",), (None,), (4,), seeds)
-         + _grid(("kl_mask",), (0.25, 1.0, 4.0), (4,), seeds)),
+        (
+            {},
+            _grid(("flow_grpo_kl",), scales, (4,), seeds)
+            + _grid(("adaptive_guard",), (None,), (4,), seeds)
+            + _grid(("kl_mask",), (0.25, 1.0, 4.0), (4,), seeds),
+        ),
         ({}, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (1.0,), (1,), seeds)),
         ({}, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (1.0,), (16,), seeds)),
         ({**SMALL, "pretrain_only": True}, [RunSpec("flow_grpo", 1.0, 4, s) for s in (0, 1)]),
     ]
     wave2 = [
         ({}, _grid(("flow_grpo_dance", "grpo_guard_dance"), (0.25, 1.0, 4.0), (4,), seeds)),
-        ({}, _grid(("velocity_guard_dance",), (0.25, 1.0, 4.0), (4,), seeds)
-         + _grid(("adaptive_guard_dance",), (None,), (4,), seeds)
-         + _grid(("kl_mask_dance",), (1.0,), (4,), seeds)),
-        (SMALL, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (0.25, 1.0, 4.0), (4,), seeds)
-         + _grid(("adaptive_guard",), (None,), (4,), seeds)
-         + _grid(("kl_mask",), (1.0,), (4,), seeds)),
+        (
+            {},
+            _grid(("velocity_guard_dance",), (0.25, 1.0, 4.0), (4,), seeds)
+            + _grid(("adaptive_guard_dance",), (None,), (4,), seeds)
+            + _grid(("kl_mask_dance",), (1.0,), (4,), seeds),
+        ),
+        (
+            SMALL,
+            _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (0.25, 1.0, 4.0), (4,), seeds)
+            + _grid(("adaptive_guard",), (None,), (4,), seeds)
+            + _grid(("kl_mask",), (1.0,), (4,), seeds),
+        ),
     ]
     return cfg, [wave1, wave2]
 
@@ -104,8 +119,12 @@ def main() -> int:
     parser.add_argument("--worker", type=Path, help="(internal) a worker's job file")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--iterations", type=int)
-    parser.add_argument("--budget", choices=sorted(PRESET_BUDGETS), default="gpu",
-                        help="config the plan runs on (tiny: a CPU check of this script)")
+    parser.add_argument(
+        "--budget",
+        choices=sorted(PRESET_BUDGETS),
+        default="gpu",
+        help="config the plan runs on (tiny: a CPU check of this script)",
+    )
     parser.add_argument("--time-limit", type=float, help="seconds per worker ensemble")
     args = parser.parse_args()
     if args.worker:
@@ -114,11 +133,19 @@ def main() -> int:
         cfg = DemoConfig(**fields)
         runs = [RunSpec(**r) for r in job["runs"]]
         if job.get("pretrain_only"):
-            pre = load_or_pretrain(cfg, sorted({r.pretrain_seed for r in runs}), torch.device(cfg.device))
+            pre = load_or_pretrain(
+                cfg, sorted({r.pretrain_seed for r in runs}), torch.device(cfg.device)
+            )
             print(f"[{args.out.name}] pretrained {pre.hashes} in {pre.seconds:.0f} s", flush=True)
             return 0
-        run_experiment(cfg, args.out, runs, bases=job["bases"], keep_images=8,
-                       log=lambda m: print(f"[{args.out.name}] {m}", flush=True))
+        run_experiment(
+            cfg,
+            args.out,
+            runs,
+            bases=job["bases"],
+            keep_images=8,
+            log=lambda m: print(f"[{args.out.name}] {m}", flush=True),
+        )
         return 0
     cfg, waves = PLANS[args.plan]()
     pairs = (("lr", args.lr), ("iterations", args.iterations), ("time_limit", args.time_limit))
@@ -146,27 +173,45 @@ def main() -> int:
             if args.budget != "gpu":
                 extra = {k: v for k, v in extra.items() if k not in ("size", "patch")}
             shard_cfg = dataclasses.replace(cfg, **extra)
-            job.write_text(json.dumps({
-                "config": shard_cfg.to_json(),
-                "bases": None if "size" in shard_overrides else bases,
-                "pretrain_only": shard_overrides.get("pretrain_only", False),
-                "runs": [dataclasses.asdict(r) for r in shard],
-            }))
+            job.write_text(
+                json.dumps(
+                    {
+                        "config": shard_cfg.to_json(),
+                        "bases": None if "size" in shard_overrides else bases,
+                        "pretrain_only": shard_overrides.get("pretrain_only", False),
+                        "runs": [dataclasses.asdict(r) for r in shard],
+                    }
+                )
+            )
             out = args.out / f"part{index}"
-            procs.append(subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", str(job)]))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--out", str(out), "--worker", str(job)]
+                )
+            )
             parts.append(out)
             index += 1
         codes += [p.wait() for p in procs]
-    parts_json = [json.loads((p / "frontier.json").read_text()) for p in parts if (p / "frontier.json").exists()]
+    parts_json = [
+        json.loads((p / "frontier.json").read_text())
+        for p in parts
+        if (p / "frontier.json").exists()
+    ]
     merged = {k: v for k, v in parts_json[0].items() if k != "runs"} if parts_json else {}
     merged["seconds"] = time.perf_counter() - start
     merged["plan"] = args.plan
-    merged["pretrained"] = {f"size{p['config']['size']}/{k}": h for p in parts_json for k, h in p["pretrained"].items()}
-    merged["bases"] = {f"size{p['config']['size']}/{k}": b for p in parts_json for k, b in p["bases"].items()}
+    merged["pretrained"] = {
+        f"size{p['config']['size']}/{k}": h for p in parts_json for k, h in p["pretrained"].items()
+    }
+    merged["bases"] = {
+        f"size{p['config']['size']}/{k}": b for p in parts_json for k, b in p["bases"].items()
+    }
     merged["runs"] = [r for p in parts_json for r in p["runs"]]
     dump_compact(merged, args.out / "frontier.json")
-    print(f"merged {len(merged['runs'])} runs, worker exit codes {codes}, "
-          f"{merged['seconds']:.0f} s", flush=True)
+    print(
+        f"merged {len(merged['runs'])} runs, worker exit codes {codes}, {merged['seconds']:.0f} s",
+        flush=True,
+    )
     return 0 if all(c == 0 for c in codes) else 1
 
 

@@ -225,9 +225,9 @@ def _params(model: torch.nn.Module) -> float:
 def bench_regclip_train(arch: str, s: dict[str, Any], tiny: bool, device: torch.device,
                         repeats: int) -> dict[str, Any]:  # fmt: skip
     """``regclip train``'s step (GRPOTrainer, grpo_guard) on the same model config."""
-    import real_arch
     from accelerate.state import AcceleratorState
 
+    import real_arch
     from regclip.trainer import build_loss
 
     # upstream's Accelerator (another mixed precision) ran in this process first

@@ -253,6 +253,7 @@ def kl_mask(
         kl=parts.kl,
     )
 
+
 PRESETS: dict[str, Callable[..., GuardedPPOLoss]] = {
     "flow_grpo": flow_grpo,
     "dance_grpo": dance_grpo,

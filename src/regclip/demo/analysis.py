@@ -100,7 +100,11 @@ def paired(runs: Sequence[Run], method: str, baseline: str, level: float) -> dic
         if a is None or b is None:
             continue
         per_seed[r["seed"]].append(
-            (a["gold"] - b["gold"], a["hack"] - b["hack"], math.log(a["iteration"] / b["iteration"]))
+            (
+                a["gold"] - b["gold"],
+                a["hack"] - b["hack"],
+                math.log(a["iteration"] / b["iteration"]),
+            )
         )
     if len(per_seed) < 2:
         return None
@@ -113,7 +117,9 @@ def paired(runs: Sequence[Run], method: str, baseline: str, level: float) -> dic
     }
 
 
-def frontier_gap(runs: Sequence[Run], method: str, baseline: str, level: float) -> dict[str, Any] | None:
+def frontier_gap(
+    runs: Sequence[Run], method: str, baseline: str, level: float
+) -> dict[str, Any] | None:
     """Per seed and passes, the best gold over clip settings at proxy gain ``level`` of
     ``method`` minus that of ``baseline``; bootstrapped over seeds."""
     best: dict[tuple[str, int, int], float] = {}
@@ -148,7 +154,9 @@ def speed_adjusted(
     for r in runs:
         hit = at_gain(r["curve"], level)
         if hit is not None:
-            rows.append((r["method"], r["seed"], math.log(max(hit["iteration"], 1e-3)), hit["gold"]))
+            rows.append(
+                (r["method"], r["seed"], math.log(max(hit["iteration"], 1e-3)), hit["gold"])
+            )
     methods = sorted({m for m, *_ in rows})
     seeds = sorted({s for _, s, *_ in rows})
     if baseline not in methods or len(methods) < 2 or len(seeds) < 2:
@@ -169,7 +177,12 @@ def speed_adjusted(
         if not bool(present.all()):
             return None
         beta = _ols(x, y)
-        return torch.cat([beta[: len(methods)] - beta[methods.index(baseline)], beta[len(methods) : len(methods) + 1]])
+        return torch.cat(
+            [
+                beta[: len(methods)] - beta[methods.index(baseline)],
+                beta[len(methods) : len(methods) + 1],
+            ]
+        )
 
     point = fit(seeds)
     if point is None:

@@ -35,7 +35,9 @@ BASE_METHODS: tuple[str, ...] = (
 
 def parse_method(name: str) -> tuple[str, str]:
     """``name`` -> (base method, sde) with sde ``"flow"`` or ``"dance"``."""
-    base, sde = (name.removesuffix("_dance"), "dance") if name.endswith("_dance") else (name, "flow")
+    base, sde = (
+        (name.removesuffix("_dance"), "dance") if name.endswith("_dance") else (name, "flow")
+    )
     if base not in BASE_METHODS:
         choices = ", ".join((*BASE_METHODS, *(f"{m}_dance" for m in BASE_METHODS)))
         raise ValueError(f"unknown method {name!r}; choose from {choices}")

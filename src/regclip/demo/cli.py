@@ -1,108 +1,182 @@
-"""``regclip demo``: the over-optimization experiment from the command line.
+"""``regclip demo``: the reward-hacking testbed from the command line.
 
-``regclip demo`` runs the CPU default (about 5 minutes on 2 cores, first run included
-pretraining); ``--budget gpu --device cuda`` the large run; ``--budget tiny`` a smoke test.
-Writes ``overopt.json``, ``samples.npz`` and (where matplotlib is installed) the plots into
-``--out``, and prints a table of gold metrics at matched proxy reward.
+``regclip demo`` runs the CPU default: vanilla Flow-GRPO, GRPO-Guard and the velocity-space
+guard, each at three clip ranges and three seeds, on 24 x 24 disc-world images; ``--budget
+gpu --device cuda`` the large version (64 x 64, seven methods, four clip settings, five
+seeds); ``--budget tiny`` a smoke test. Writes ``frontier.json``, ``report.md`` and the
+plots into ``--out`` and prints the headline tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .config import METHOD_NAMES, PRESET_BUDGETS, DemoConfig
-from .report import format_table
+from .arms import BASE_METHODS
+from .config import PRESET_BUDGETS, DemoConfig
 
 __all__ = ["add_arguments", "build_config", "run"]
 
+METHOD_CHOICES = (*BASE_METHODS, *(f"{m}_dance" for m in BASE_METHODS))
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _clip_scale(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    return float(_positive(float)(text))
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[1]
     parser.add_argument(
         "--budget",
         choices=sorted(PRESET_BUDGETS),
         default="cpu",
-        help="named budget: tiny (smoke test), cpu (default), gpu (large run)",
+        help="named size: tiny (smoke test), cpu (default, about 2 minutes on 2 cores), "
+        "gpu (the large testbed; needs --device cuda)",
     )
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=(*METHOD_NAMES, "all"),
-        help="methods to compare (default: the budget's)",
+        choices=METHOD_CHOICES,
+        metavar="METHOD",
+        help=f"methods to compare (default: the budget's); choices: {', '.join(METHOD_CHOICES)}",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds to run, e.g. 0 1 2")
-    parser.add_argument("--steps", type=int, help="GRPO iterations per run")
-    parser.add_argument("--size", type=int, help="image side (D = size^2)")
-    parser.add_argument("--passes", type=int, help="optimizer steps per rollout")
-    parser.add_argument("--lr", type=float, help="Adam learning rate")
-    parser.add_argument("--kl-coef", type=float, help="KL coefficient of flow_grpo_kl")
-    parser.add_argument("--clip-target", type=float, help="fraction clipped on the probe")
     parser.add_argument(
-        "--dims",
+        "--seeds",
         type=int,
-        nargs="*",
-        help="latent dimensions of the left-shift study (none: skip it)",
+        nargs="+",
+        help="GRPO seeds, e.g. 0 1 2; each seed also picks one of two pretrained generators and "
+        "one of two proxy raters",
     )
-    parser.add_argument("--time-budget", type=float, help="skip runs starting after this many s")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("regclip-demo"), help="output folder")
-    parser.add_argument("--no-plots", action="store_true", help="write JSON only")
+    parser.add_argument("--iterations", type=_positive(int), help="GRPO iterations per run")
     parser.add_argument(
-        "--pretrain-only", action="store_true", help="pretrain (or find in the cache) and stop"
+        "--passes", type=_positive(int), nargs="+", help="optimizer steps per rollout, e.g. 1 4 16"
     )
+    parser.add_argument(
+        "--clip-scales",
+        type=_clip_scale,
+        nargs="+",
+        help="clip ranges as multiples of each method's calibrated one; 'none' for no clip",
+    )
+    parser.add_argument("--lr", type=_positive(float), help="Adam learning rate")
+    parser.add_argument(
+        "--time-limit", type=_positive(float), help="seconds per ensemble before it stops early"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+    parser.add_argument("--out", type=Path, default=Path("regclip-demo"), help="output folder")
+    parser.add_argument("--no-plots", action="store_true", help="write the JSON and report only")
 
 
 def build_config(args: argparse.Namespace) -> DemoConfig:
     """The budget's config with the command-line overrides applied."""
     fields: dict[str, Any] = dict(PRESET_BUDGETS[args.budget])
     overrides = {
-        "steps": args.steps,
-        "size": args.size,
-        "passes": args.passes,
+        "iterations": args.iterations,
         "lr": args.lr,
-        "clip_target": args.clip_target,
-        "kl_coef": args.kl_coef,
-        "time_budget": args.time_budget,
+        "time_limit": args.time_limit,
+        "methods": tuple(args.methods) if args.methods else None,
+        "seeds": tuple(args.seeds) if args.seeds is not None else None,
+        "passes": tuple(args.passes) if args.passes else None,
+        "clip_scales": tuple(args.clip_scales) if args.clip_scales else None,
     }
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    if args.methods:
-        fields["methods"] = METHOD_NAMES if "all" in args.methods else tuple(args.methods)
-    if args.seeds is not None:
-        fields["seeds"] = tuple(args.seeds)
-    if args.dims is not None:
-        fields["dims"] = tuple(args.dims)
     return dataclasses.replace(DemoConfig(), device=args.device, **fields)
 
 
+def _check_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (use --device cpu)")
+    if args.budget == "gpu" and device.type == "cpu":
+        parser.error("--budget gpu: needs --device cuda (hours on a CPU)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--out {args.out}: not writable ({error.strerror})")
+    if args.seeds is not None and any(s < 0 for s in args.seeds):
+        parser.error("--seeds: must be >= 0")
+
+
+def _headline(result: dict[str, Any]) -> str:
+    from .analysis import gain_levels, hacks, speed_adjusted
+
+    runs = result["runs"]
+    lines = ["runs whose gold fell while the proxy rose (of runs), per method:"]
+    for method in sorted({r["method"] for r in runs}):
+        mine = [r for r in runs if r["method"] == method]
+        lines.append(f"  {method:24s} {sum(hacks(r) for r in mine)}/{len(mine)}")
+    flow = [r for r in runs if r["sde"] == "flow"]
+    if flow and any(r["method"] == "flow_grpo" for r in flow):
+        level = gain_levels(flow)[1]
+        fit = speed_adjusted(flow, "flow_grpo", level)
+        if fit is not None:
+            lines.append(
+                f"gold minus vanilla at proxy gain {level:.3g} and equal speed "
+                "(mean [95% CI over seeds]):"
+            )
+            for method, stat in fit.items():
+                if isinstance(stat, dict) and method != "log_iterations":
+                    lines.append(
+                        f"  {method:24s} {stat['mean']:+.3f} [{stat['lo']:+.3f}, {stat['hi']:+.3f}]"
+                    )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    from .experiment import run_experiment
+    """Run the testbed as ``args`` say; user mistakes exit through ``args._parser`` (one
+    line, exit 2)."""
+    parser = getattr(args, "_parser", None)
+    if parser is None:
+        from ..cli import OneLineParser
 
+        parser = OneLineParser(prog="regclip demo")
+    _check_environment(parser, args)
     cfg = build_config(args)
-    if args.pretrain_only:
-        from .data import load_digits
-        from .pretrain import load_or_pretrain
+    if not cfg.seeds:
+        parser.error("--seeds: give at least one seed")
+    from .experiment import run_experiment
+    from .report import markdown_report
 
-        pre = load_or_pretrain(cfg, load_digits(cfg.size), torch.device(cfg.device))
-        print(f"pretrained networks ready ({pre.seconds:.0f} s of training)")
-        return 0
-    summary = run_experiment(cfg, args.out)
-    print(format_table(summary))
-    if "left_shift_vs_dim" in summary:
-        alpha = summary["left_shift_vs_dim"]["fitted_exponent"]
-        print(f"left shift vs D: fitted exponent {alpha:.2f} (sqrt(D) law: 0.50)")
-    if summary["skipped"]:
-        print(f"skipped for time: {', '.join(summary['skipped'])}")
+    start = time.perf_counter()
+    result = run_experiment(cfg, args.out, log=print)
+    (args.out / "report.md").write_text(markdown_report(result))
+    print(_headline(result))
     if not args.no_plots:
         try:
             from .plots import write_plots
         except ImportError:
-            print("matplotlib not installed: plots skipped")
+            print("matplotlib is not installed (pip install 'regclip[demo]'): plots skipped")
         else:
             for path in write_plots(args.out):
                 print(f"wrote {path}")
-    print(f"results in {args.out}/overopt.json ({summary['seconds']:.0f} s)")
+    print(
+        f"results in {args.out}/frontier.json, tables in {args.out}/report.md "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     return 0

@@ -120,9 +120,7 @@ class _Ensemble:
                 ref = score(self.ref, self.kernel, roll)[0]
         return roll, rewards, adv, ref
 
-    def losses_of(
-        self, roll: Rollout, old_means: Tensor, adv: Tensor, ref: Tensor | None
-    ) -> list:
+    def losses_of(self, roll: Rollout, old_means: Tensor, adv: Tensor, ref: Tensor | None) -> list:
         means, std = score(self.net, self.kernel, roll)
         return [
             loss_fn(
@@ -189,12 +187,12 @@ def run_ensemble(
     """Train ``runs`` (same kernel and passes) together; one record per run."""
     ens = _Ensemble(cfg, runs, pre, proxies, bases, device)
     records = [
-        RunRecord(r, None if r.clip_scale is None else bases[r.method] * r.clip_scale)
-        for r in runs
+        RunRecord(r, None if r.clip_scale is None else bases[r.method] * r.clip_scale) for r in runs
     ]
     for rec, loss_fn in zip(records, ens.losses, strict=True):
-        if rec.spec.base == "adaptive_guard":  # its starting range
-            rec.clip_range = float(loss_fn.surrogate.ranges[0])
+        ranges = getattr(loss_fn.surrogate, "ranges", None)
+        if isinstance(ranges, Tensor):  # the adaptive controller's starting range
+            rec.clip_range = float(ranges[0])
     noise_gen = torch.Generator(device).manual_seed(2024)
     eval_noise = torch.randn(
         (cfg.eval_samples, 1, cfg.size, cfg.size), generator=noise_gen, device=device
@@ -228,7 +226,9 @@ def run_ensemble(
                 clip_steps = [_clip_by_step(o, cfg.num_steps) for o in outs]
             ens.step(outs)
         keys = list(stats[0])
-        values = torch.stack([torch.stack([s[key].float() for key in keys]) for s in stats]).tolist()
+        values = torch.stack(
+            [torch.stack([s[key].float() for key in keys]) for s in stats]
+        ).tolist()
         clip_lists = torch.stack(clip_steps).tolist() if clip_steps else [[] for _ in records]
         for rec, v, c in zip(records, values, clip_lists, strict=True):
             rec.train.append({"iteration": it, **dict(zip(keys, v, strict=True))})

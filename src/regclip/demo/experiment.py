@@ -73,7 +73,11 @@ def _round(value: Any) -> Any:
 
 def dump_compact(result: dict[str, Any], path: Path) -> None:
     """Write ``result`` as JSON without indentation, one run per line, floats to 5 digits."""
-    meta = [f"{json.dumps(k)}:{json.dumps(_round(v), separators=(',', ':'))}" for k, v in result.items() if k != "runs"]
+    meta = [
+        f"{json.dumps(k)}:{json.dumps(_round(v), separators=(',', ':'))}"
+        for k, v in result.items()
+        if k != "runs"
+    ]
     runs = [json.dumps(_round(r), separators=(",", ":")) for r in result.get("runs", [])]
     text = "{" + ",\n".join(meta) + ',\n"runs":[\n' + ",\n".join(runs) + "\n]}\n"
     path.write_text(text)
@@ -82,7 +86,7 @@ def dump_compact(result: dict[str, Any], path: Path) -> None:
 def _record_json(rec: RunRecord, cfg: DemoConfig, hashes: dict[int, str]) -> dict[str, Any]:
     spec = rec.spec
     curve = []
-    prev = 0
+    prev = 0.0
     for row in rec.curve:
         window = [t for t in rec.train if prev < t["iteration"] <= row["iteration"]]
         prev = row["iteration"]

@@ -62,7 +62,9 @@ class EnsembleMixer(nn.Module):
         self.pos = param(tokens, width, fan_in=width)
         self.time_w = param(16, depth * width)
         self.tok_in = nn.ParameterList([param(tokens, 2 * tokens) for _ in range(depth)])
-        self.tok_out = nn.ParameterList([param(2 * tokens, tokens, zero=True) for _ in range(depth)])
+        self.tok_out = nn.ParameterList(
+            [param(2 * tokens, tokens, zero=True) for _ in range(depth)]
+        )
         self.ch_in = nn.ParameterList([param(width, 2 * width) for _ in range(depth)])
         self.ch_out = nn.ParameterList([param(2 * width, width, zero=True) for _ in range(depth)])
         self.head = param(width, pix, zero=True)
@@ -70,8 +72,8 @@ class EnsembleMixer(nn.Module):
     @staticmethod
     def _mm(x: Tensor, w: Tensor) -> Tensor:
         """(E, N, L, A) @ (E, A, B) -> (E, N, L, B), one batched GEMM per member."""
-        e, n, l, a = x.shape
-        return torch.bmm(x.reshape(e, n * l, a), w).view(e, n, l, w.shape[-1])
+        e, n, tokens, a = x.shape
+        return torch.bmm(x.reshape(e, n * tokens, a), w).view(e, n, tokens, w.shape[-1])
 
     def patchify(self, x: Tensor) -> Tensor:
         """(E, N, 1, S, S) -> (E, N, L, p^2)."""

@@ -42,15 +42,25 @@ def _label(scale: float | None) -> str:
     return "no clip" if scale is None else f"clip x{scale:g}"
 
 
-def _mean_curve(runs: list[dict[str, Any]], grid: list[float]) -> tuple[list[float], list[float]]:
-    """Mean gold over runs at each gain of ``grid`` that every run reaches."""
-    xs, ys = [], []
-    for level in grid:
-        hits = [at_gain(r["curve"], level) for r in runs]
-        if all(h is not None for h in hits):
-            xs.append(level)
-            ys.append(sum(h["gold"] - r["curve"][0]["gold"] for h, r in zip(hits, runs, strict=True)) / len(hits))  # type: ignore[index]
-    return xs, ys
+def _mean_at(runs: list[dict[str, Any]], level: float, key: str, relative: bool) -> float | None:
+    """Mean of ``key`` over runs where each first reaches proxy gain ``level`` (minus the
+    run's start value if ``relative``); None unless every run reaches it."""
+    values = []
+    for r in runs:
+        hit = at_gain(r["curve"], level)
+        if hit is None:
+            return None
+        values.append(hit[key] - (r["curve"][0][key] if relative else 0.0))
+    return sum(values) / len(values)
+
+
+def _mean_curve(
+    runs: list[dict[str, Any]], grid: list[float], key: str = "gold", relative: bool = True
+) -> tuple[list[float], list[float]]:
+    """(levels, mean ``key`` at each) over the levels of ``grid`` that every run reaches."""
+    points = [(level, _mean_at(runs, level, key, relative)) for level in grid]
+    kept = [(x, y) for x, y in points if y is not None]
+    return [x for x, _ in kept], [y for _, y in kept]
 
 
 def _slice(run: dict[str, Any]) -> tuple[str, int, int]:
@@ -83,10 +93,18 @@ def _frontier(runs: list[dict[str, Any]], path: Path) -> None:
         for r in runs:
             if _slice(r) == (sde, size, passes):
                 groups[(r["method"], r["clip_scale"])].append(r)
-        for (method, scale), group in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        for (method, scale), group in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
+        ):
             xs, ys = _mean_curve(group, grid)
             if xs:
-                ax.plot(xs, ys, STYLES.get(scale, "-"), color=colors[method], label=f"{method} {_label(scale)}")
+                ax.plot(
+                    xs,
+                    ys,
+                    STYLES.get(scale, "-"),
+                    color=colors[method],
+                    label=f"{method} {_label(scale)}",
+                )
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("proxy gain (rater's contrast, minus its value at the start)")
         ax.set_ylabel("gold change from the start (contrast - residual)")
@@ -108,15 +126,20 @@ def _speed(runs: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in runs if r["method"] == method]
         for scale in sorted({r["clip_scale"] for r in mine}, key=str):
             group = [r for r in mine if r["clip_scale"] == scale]
-            xs, ys = [], []
-            for level in levels:
-                hits = [at_gain(r["curve"], level) for r in group]
-                if all(h is not None for h in hits):
-                    xs.append(level)
-                    ys.append(sum(h["iteration"] for h in hits) / len(hits))  # type: ignore[index]
+            xs, ys = _mean_curve(group, levels, key="iteration", relative=False)
             if xs:
-                left.plot(xs, ys, STYLES.get(scale, "-"), color=colors[method], label=f"{method} {_label(scale)}")
-        pts = [(h["iteration"], h["gold"] - r["curve"][0]["gold"]) for r in mine if (h := at_gain(r["curve"], middle))]
+                left.plot(
+                    xs,
+                    ys,
+                    STYLES.get(scale, "-"),
+                    color=colors[method],
+                    label=f"{method} {_label(scale)}",
+                )
+        pts = [
+            (h["iteration"], h["gold"] - r["curve"][0]["gold"])
+            for r in mine
+            if (h := at_gain(r["curve"], middle))
+        ]
         if pts:
             right.scatter(*zip(*pts, strict=True), s=12, color=colors[method], label=method)
     left.set_xlabel("proxy gain")
@@ -132,19 +155,33 @@ def _speed(runs: list[dict[str, Any]], path: Path) -> None:
 
 
 def _hacking(runs: list[dict[str, Any]], path: Path) -> None:
-    vanilla = [r for r in _main_slice(runs) if r["method"] in ("flow_grpo", "flow_grpo_dance") and r["clip_scale"] == 1.0]
+    vanilla = [
+        r
+        for r in _main_slice(runs)
+        if r["method"] in ("flow_grpo", "flow_grpo_dance") and r["clip_scale"] == 1.0
+    ]
     if not vanilla:
         return
-    keys = (("proxy", "proxy (rater)"), ("gold", "gold (exact fit)"), ("hack", "hack: background brightness"))
+    keys = (
+        ("proxy", "proxy (rater)"),
+        ("gold", "gold (exact fit)"),
+        ("hack", "hack: background brightness"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (key, label) in zip(axes, keys, strict=True):
         for r in vanilla:
-            ax.plot([c["iteration"] for c in r["curve"]], [c[key] for c in r["curve"]], lw=1,
-                    label=f"{r['method']} seed {r['seed']}, {r['passes']} passes")
+            ax.plot(
+                [c["iteration"] for c in r["curve"]],
+                [c[key] for c in r["curve"]],
+                lw=1,
+                label=f"{r['method']} seed {r['seed']}, {r['passes']} passes",
+            )
         ax.set_xlabel("GRPO iteration")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=6)
-    fig.suptitle("vanilla at its calibrated clip range (one line per seed): the proxy rises, the gold falls")
+    fig.suptitle(
+        "vanilla at its calibrated clip range (one line per seed): the proxy rises, the gold falls"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -188,15 +225,22 @@ def _samples(samples: dict[str, torch.Tensor], path: Path) -> None:
         return
     first = samples[f"{key(methods[0])}|start"]
     n = min(6, first.shape[0])
-    fig, axes = plt.subplots(len(methods) + 1, n, figsize=(1.5 * n + 1.5, 1.5 * (len(methods) + 1)), squeeze=False)
-    rows = [("pretrained (start)", first)] + [(f"{m} (end)", samples[f"{key(m)}|end"]) for m in methods]
+    fig, axes = plt.subplots(
+        len(methods) + 1, n, figsize=(1.5 * n + 1.5, 1.5 * (len(methods) + 1)), squeeze=False
+    )
+    rows = [("pretrained (start)", first)] + [
+        (f"{m} (end)", samples[f"{key(m)}|end"]) for m in methods
+    ]
     for row, (title, images) in zip(axes, rows, strict=True):
         for j, ax in enumerate(row):
             ax.imshow(images[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
         row[0].set_ylabel(title, fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle("first GRPO seed, fixed ODE noise, 4 passes, calibrated clip: start and end of training", fontsize=9)
+    fig.suptitle(
+        "first GRPO seed, fixed ODE noise, 4 passes, calibrated clip: start and end of training",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -206,8 +250,12 @@ def write_plots(folder: Path) -> list[Path]:
     """Every figure above from ``folder/frontier.json`` (and ``samples.pt`` if present)."""
     runs = json.loads((folder / "frontier.json").read_text())["runs"]
     written = []
-    for name, draw in (("frontier.png", _frontier), ("speed.png", _speed),
-                       ("hacking.png", _hacking), ("clip_by_step.png", _clip_by_step)):
+    for name, draw in (
+        ("frontier.png", _frontier),
+        ("speed.png", _speed),
+        ("hacking.png", _hacking),
+        ("clip_by_step.png", _clip_by_step),
+    ):
         draw(runs, folder / name)
         if (folder / name).exists():
             written.append(folder / name)

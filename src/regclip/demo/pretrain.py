@@ -63,9 +63,13 @@ class Pretrained:
     """Time spent pretraining (0 when every member came from the cache)."""
 
 
-def _train(cfg: DemoConfig, seeds: list[int], device: torch.device, log: Callable[[str], None]) -> EnsembleMixer:
+def _train(
+    cfg: DemoConfig, seeds: list[int], device: torch.device, log: Callable[[str], None]
+) -> EnsembleMixer:
     members = [
-        EnsembleMixer(1, cfg.size, cfg.patch, cfg.width, cfg.depth, torch.Generator().manual_seed(s))
+        EnsembleMixer(
+            1, cfg.size, cfg.patch, cfg.width, cfg.depth, torch.Generator().manual_seed(s)
+        )
         for s in seeds
     ]
     net = EnsembleMixer.from_members(
@@ -87,7 +91,9 @@ def _train(cfg: DemoConfig, seeds: list[int], device: torch.device, log: Callabl
         opt.step()
         sched.step()
         if (step + 1) % max(1, cfg.pretrain_steps // 5) == 0:
-            log(f"pretraining step {step + 1}/{cfg.pretrain_steps}: loss {loss.item() / len(seeds):.4f}")
+            log(
+                f"pretraining step {step + 1}/{cfg.pretrain_steps}: loss {loss.item() / len(seeds):.4f}"
+            )
     return net
 
 

@@ -41,11 +41,19 @@ def _slices(runs: list[dict[str, Any]]) -> dict[tuple[str, int, int], list[dict[
 def markdown_report(result: dict[str, Any]) -> str:
     runs = result["runs"]
     lines = [f"# Frontier report ({result.get('device', '?')})", ""]
-    lines += ["## Does vanilla hack?", "", "| method | clip | passes | lr | runs | gold falls while proxy rises | proxy start -> end | gold start -> end | hack start -> end |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Does vanilla hack?",
+        "",
+        "| method | clip | passes | lr | runs | gold falls while proxy rises | proxy start -> end | gold start -> end | hack start -> end |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[(r["method"], str(r["clip_scale"]), r["passes"], r.get("lr", 0), r.get("size", 0))].append(r)
+        groups[
+            (r["method"], str(r["clip_scale"]), r["passes"], r.get("lr", 0), r.get("size", 0))
+        ].append(r)
     for (method, scale, passes, lr, _), group in sorted(groups.items()):
+
         def mean(key: str, at: int, group: list[dict[str, Any]] = group) -> float:
             return sum(r["curve"][at][key] for r in group) / len(group)
 
@@ -60,35 +68,81 @@ def markdown_report(result: dict[str, Any]) -> str:
         base = _baseline(sde)
         if base not in methods:
             continue
-        lines += ["", f"## {sde}-SDE, D = {size * size if size else '?'}, {passes} pass(es) per rollout", ""]
-        lines += [f"Proxy-gain levels: {', '.join(f'{v:.3g}' for v in levels)} (a quarter, half and three quarters of the median final gain)."]
-        lines += ["", f"Paired gold difference vs {base} at matched proxy gain (same seed, same clip scale), mean [95 % CI] over seeds; and log of the iteration ratio (negative: faster):", ""]
-        lines += ["| method | " + " | ".join(f"gold @ {v:.3g}" for v in levels) + f" | log iter ratio @ {levels[1]:.3g} | hack @ {levels[1]:.3g} |", "|---" * (len(levels) + 3) + "|"]
+        lines += [
+            "",
+            f"## {sde}-SDE, D = {size * size if size else '?'}, {passes} pass(es) per rollout",
+            "",
+        ]
+        lines += [
+            f"Proxy-gain levels: {', '.join(f'{v:.3g}' for v in levels)} (a quarter, half and three quarters of the median final gain)."
+        ]
+        lines += [
+            "",
+            f"Paired gold difference vs {base} at matched proxy gain (same seed, same clip scale), mean [95 % CI] over seeds; and log of the iteration ratio (negative: faster):",
+            "",
+        ]
+        lines += [
+            "| method | "
+            + " | ".join(f"gold @ {v:.3g}" for v in levels)
+            + f" | log iter ratio @ {levels[1]:.3g} | hack @ {levels[1]:.3g} |",
+            "|---" * (len(levels) + 3) + "|",
+        ]
         for m in methods:
             if m == base:
                 continue
             cells = [paired(group, m, base, v) for v in levels]
             mid = cells[1]
             lines.append(
-                f"| {m} | " + " | ".join(_ci(c["gold"]) if c else "n/a" for c in cells)
+                f"| {m} | "
+                + " | ".join(_ci(c["gold"]) if c else "n/a" for c in cells)
                 + f" | {_ci(mid['log_iter_ratio'], 2) if mid else 'n/a'} | {_ci(mid['hack']) if mid else 'n/a'} |"
             )
-        lines += ["", f"Best clip setting per method and seed minus {base}'s best (the frontier's upper envelope):", ""]
-        lines += ["| method | " + " | ".join(f"gold @ {v:.3g}" for v in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+        lines += [
+            "",
+            f"Best clip setting per method and seed minus {base}'s best (the frontier's upper envelope):",
+            "",
+        ]
+        lines += [
+            "| method | " + " | ".join(f"gold @ {v:.3g}" for v in levels) + " |",
+            "|---" * (len(levels) + 1) + "|",
+        ]
         for m in methods:
             if m != base:
                 cells = [frontier_gap(group, m, base, v) for v in levels]
-                lines.append(f"| {m} | " + " | ".join(_ci(c["gold"]) if c else "n/a" for c in cells) + " |")
-        lines += ["", "Speed-adjusted: gold = method + gamma log(iterations) + seed, fitted over every run reaching the level; method minus vanilla:", ""]
-        lines += ["| level | runs | gamma (log iterations) | " + " | ".join(m for m in methods if m != base) + " |", "|---" * (len(methods) + 2) + "|"]
+                lines.append(
+                    f"| {m} | " + " | ".join(_ci(c["gold"]) if c else "n/a" for c in cells) + " |"
+                )
+        lines += [
+            "",
+            "Speed-adjusted: gold = method + gamma log(iterations) + seed, fitted over every run reaching the level; method minus vanilla:",
+            "",
+        ]
+        lines += [
+            "| level | runs | gamma (log iterations) | "
+            + " | ".join(m for m in methods if m != base)
+            + " |",
+            "|---" * (len(methods) + 2) + "|",
+        ]
         for v in levels:
             fit = speed_adjusted(group, base, v)
             if fit is None:
                 continue
-            lines.append(f"| {v:.3g} | {fit['runs']} | {_ci(fit['log_iterations'])} | " + " | ".join(_ci(fit.get(m)) for m in methods if m != base) + " |")
-        reach = {m: sum(at_gain(r["curve"], levels[-1]) is not None for r in group if r["method"] == m) for m in methods}
+            lines.append(
+                f"| {v:.3g} | {fit['runs']} | {_ci(fit['log_iterations'])} | "
+                + " | ".join(_ci(fit.get(m)) for m in methods if m != base)
+                + " |"
+            )
+        reach = {
+            m: sum(at_gain(r["curve"], levels[-1]) is not None for r in group if r["method"] == m)
+            for m in methods
+        }
         totals = {m: sum(r["method"] == m for r in group) for m in methods}
-        lines += ["", "Runs reaching the top level: " + ", ".join(f"{m} {reach[m]}/{totals[m]}" for m in methods) + "."]
+        lines += [
+            "",
+            "Runs reaching the top level: "
+            + ", ".join(f"{m} {reach[m]}/{totals[m]}" for m in methods)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -75,7 +75,9 @@ def fit_proxy(
     proxy = LinearProxy(weight, bias, {})
     base = proxy.rate(world.render(**att))
     gains = {
-        name: float((proxy.rate(world.render(**dict(att, **{key: att[key] + 0.05}))) - base).mean() / 0.05)
+        name: float(
+            (proxy.rate(world.render(**dict(att, **{key: att[key] + 0.05}))) - base).mean() / 0.05
+        )
         for name, key in (("background", "b"), ("disc", "a"))
     }
     return LinearProxy(weight, bias, gains)

@@ -88,9 +88,7 @@ def sde_rollout(
     )
 
 
-def score(
-    net: EnsembleMixer, kernel: TransitionKernel, roll: Rollout
-) -> tuple[Tensor, Tensor]:
+def score(net: EnsembleMixer, kernel: TransitionKernel, roll: Rollout) -> tuple[Tensor, Tensor]:
     """Every rollout transition under ``net``: means (E, T*B, 1, S, S) and stds (T*B,).
 
     Runs in one layout for the rollout's re-scoring and every training pass, so the first
@@ -100,7 +98,10 @@ def score(
     velocity = net(roll.states, roll.t.expand(members, n))
     flat = (members * n, *roll.states.shape[2:])
     mean, std = kernel.evaluate(
-        roll.states.reshape(flat), velocity.reshape(flat), roll.t.repeat(members), roll.dt.repeat(members)
+        roll.states.reshape(flat),
+        velocity.reshape(flat),
+        roll.t.repeat(members),
+        roll.dt.repeat(members),
     )
     return mean.view_as(roll.states), std[:n]
 

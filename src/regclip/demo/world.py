@@ -28,7 +28,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["DiscWorld", "GoldFit", "fit_discs", "to_image", "to_model"]
@@ -89,9 +88,7 @@ class DiscWorld:
         margin = torch.ceil(r) + 1
         cx = torch.floor(margin + uniform(0, 1) * (self.size - 2 * margin))
         cy = torch.floor(margin + uniform(0, 1) * (self.size - 2 * margin))
-        return dict(
-            cx=cx, cy=cy, r=r, a=uniform(*self.brightness), b=uniform(*self.background)
-        )
+        return dict(cx=cx, cy=cy, r=r, a=uniform(*self.brightness), b=uniform(*self.background))
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """(n, 1, size, size) images of the world, in [0, 1]."""
@@ -122,7 +119,9 @@ def _disc_kernels(world: DiscWorld, device: torch.device) -> tuple[Tensor, int]:
     radii = world.radii.to(device)
     centre = torch.full_like(radii, float(half))
     grid = torch.arange(k, dtype=torch.float64, device=device)
-    dist = torch.sqrt((grid.view(1, -1, 1) - centre.view(-1, 1, 1)) ** 2 + (grid.view(1, 1, -1) - half) ** 2)
+    dist = torch.sqrt(
+        (grid.view(1, -1, 1) - centre.view(-1, 1, 1)) ** 2 + (grid.view(1, 1, -1) - half) ** 2
+    )
     masks = torch.sigmoid((radii.view(-1, 1, 1) - dist) / EDGE)
     return masks.unsqueeze(1), half
 
@@ -135,7 +134,9 @@ def _correlate(images: Tensor, masks: Tensor, half: int) -> Tensor:
     """
     size, k = images.shape[-1], masks.shape[-1]
     n = size + k - 1
-    spec = torch.fft.rfft2(images, s=(n, n)) * torch.fft.rfft2(masks.flip(-1, -2).transpose(0, 1), s=(n, n))
+    spec = torch.fft.rfft2(images, s=(n, n)) * torch.fft.rfft2(
+        masks.flip(-1, -2).transpose(0, 1), s=(n, n)
+    )
     full = torch.fft.irfft2(spec, s=(n, n))  # (N, R, n, n) full convolution
     return full[..., half : half + size, half : half + size]
 
@@ -151,7 +152,7 @@ def fit_discs(world: DiscWorld, images: Tensor) -> GoldFit:
     ``I m``, ``m`` and ``m^2`` for every centre at once are convolutions with the centred mask.
     """
     images = images.to(torch.float64)
-    n_img, _, size, _ = images.shape
+    size = images.shape[-1]
     d = size * size
     masks, half = _disc_kernels(world, images.device)
     flat = images.flatten(1)
@@ -166,7 +167,9 @@ def fit_discs(world: DiscWorld, images: Tensor) -> GoldFit:
     explained = cov**2 / var_m
     margin = torch.ceil(world.radii.to(images.device)) + 1
     pos = torch.arange(size, device=images.device, dtype=torch.float64)
-    inside = (pos.view(1, -1) >= margin.view(-1, 1)) & (pos.view(1, -1) <= size - 1 - margin.view(-1, 1))
+    inside = (pos.view(1, -1) >= margin.view(-1, 1)) & (
+        pos.view(1, -1) <= size - 1 - margin.view(-1, 1)
+    )
     valid = inside.unsqueeze(2) & inside.unsqueeze(1)  # (R, S, S)
     explained = explained.masked_fill(~valid.unsqueeze(0), -math.inf)
     best = explained.flatten(1).argmax(1)
