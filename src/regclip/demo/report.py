@@ -10,6 +10,7 @@ bootstrap interval over seeds.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -44,21 +45,21 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines += [
         "## Does vanilla hack?",
         "",
-        "| method | clip | passes | lr | runs | gold falls while proxy rises | proxy start -> end | gold start -> end | hack start -> end |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | D | clip | passes | lr | runs | gold falls while proxy rises | proxy start -> end | gold start -> end | hack start -> end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         groups[
             (r["method"], str(r["clip_scale"]), r["passes"], r.get("lr", 0), r.get("size", 0))
         ].append(r)
-    for (method, scale, passes, lr, _), group in sorted(groups.items()):
+    for (method, scale, passes, lr, size), group in sorted(groups.items()):
 
         def mean(key: str, at: int, group: list[dict[str, Any]] = group) -> float:
             return sum(r["curve"][at][key] for r in group) / len(group)
 
         lines.append(
-            f"| {method} | {scale} | {passes} | {lr:g} | {len(group)} | {sum(hacks(r) for r in group)} "
+            f"| {method} | {size * size} | {scale} | {passes} | {lr:g} | {len(group)} | {sum(hacks(r) for r in group)} "
             f"| {mean('proxy', 0):.3f} -> {mean('proxy', -1):.3f} | {mean('gold', 0):.3f} -> "
             f"{mean('gold', -1):.3f} | {mean('hack', 0):.3f} -> {mean('hack', -1):.3f} |"
         )
@@ -132,6 +133,19 @@ def markdown_report(result: dict[str, Any]) -> str:
                 + " | ".join(_ci(fit.get(m)) for m in methods if m != base)
                 + " |"
             )
+        adaptive = next((m for m in methods if m.startswith("adaptive_guard")), None)
+        fixed = adaptive.replace("adaptive_guard", "grpo_guard") if adaptive else None
+        if adaptive and fixed in methods:
+            cells = [frontier_gap(group, adaptive, fixed, v) for v in levels]
+            lines += [
+                "",
+                f"{adaptive} (default target, no tuning) minus the best fixed clip of {fixed}, "
+                "per seed:",
+                "",
+                "| " + " | ".join(f"gold @ {v:.3g}" for v in levels) + " |",
+                "|---" * len(levels) + "|",
+                "| " + " | ".join(_ci(c["gold"]) if c else "n/a" for c in cells) + " |",
+            ]
         reach = {
             m: sum(at_gain(r["curve"], levels[-1]) is not None for r in group if r["method"] == m)
             for m in methods
@@ -143,7 +157,34 @@ def markdown_report(result: dict[str, Any]) -> str:
             + ", ".join(f"{m} {reach[m]}/{totals[m]}" for m in methods)
             + ".",
         ]
+    lines += _ratio_movement(runs)
     return "\n".join(lines) + "\n"
+
+
+def _ratio_movement(runs: list[dict[str, Any]]) -> list[str]:
+    """How far the ratio moved off-policy: the log-ratio's shift in units of its spread
+    (``-mean / std``) and the clipped fraction on the second and the last pass, averaged
+    over iterations and runs at the calibrated clip range."""
+    lines = ["", "## How far the ratio moves (calibrated clip, mean over iterations and runs)", ""]
+    lines += [
+        "| method | D | passes | shift/std pass 2 | shift/std last pass | clipped pass 2 | clipped last pass |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r["clip_scale"] == 1.0 and r["passes"] > 1:
+            groups[(r["method"], r.get("size", 0) ** 2, r["passes"])].append(r)
+    for (method, dim, passes), group in sorted(groups.items()):
+
+        def mean(key: str, group: list[dict[str, Any]] = group) -> float:
+            values = [c[key] for r in group for c in r["curve"] if key in c]
+            return sum(values) / len(values) if values else math.nan
+
+        lines.append(
+            f"| {method} | {dim} | {passes} | {mean('pass2/log_ratio/shift_z'):+.2f} | {mean('last/log_ratio/shift_z'):+.2f} "
+            f"| {mean('pass2/clip/frac'):.2f} | {mean('last/clip/frac'):.2f} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":
