@@ -135,7 +135,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             )
         adaptive = next((m for m in methods if m.startswith("adaptive_guard")), None)
         fixed = adaptive.replace("adaptive_guard", "grpo_guard") if adaptive else None
-        if adaptive and fixed in methods:
+        if adaptive is not None and fixed is not None and fixed in methods:
             cells = [frontier_gap(group, adaptive, fixed, v) for v in levels]
             lines += [
                 "",
