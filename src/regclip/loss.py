@@ -22,7 +22,7 @@ from .batch import TransitionBatch
 from .diagnostics import metric_tensors
 from .kernels import TransitionKernel
 from .kl import KLPenalty
-from .loss_config import LossConfig, build_parts
+from .loss_config import LossConfig, LossParts, build_parts
 from .output import LossOutput
 from .ratio import IdentityRatio, RatioNormalizer
 from .reweight import TimestepReweighter, UniformWeight
@@ -88,7 +88,12 @@ class GuardedPPOLoss(nn.Module):
         ``kernel`` replaces the one the config's ``sde``/``eta`` would make (presets that
         use no kernel ignore it).
         """
-        parts = build_parts(config, kernel)
+        return cls.from_parts(build_parts(config, kernel), validate=validate)
+
+    @classmethod
+    def from_parts(cls, parts: LossParts, *, validate: bool = True) -> GuardedPPOLoss:
+        """The loss made of ``parts`` (:func:`regclip.loss_config.build_parts`, or a copy
+        with some parts replaced: ``parts._replace(surrogate=...)``)."""
         return cls(
             parts.normalizer,
             parts.reweighter,

@@ -168,14 +168,7 @@ def grpo_guard_official(
     """
     config = LossConfig("grpo_guard_official", clip_range, adv_clip, kl_coef, sde, eta)
     parts = build_parts(config, kernel)
-    return GuardedPPOLoss(
-        BatchRatioNorm(source),
-        parts.reweighter,
-        parts.surrogate,
-        kernel=parts.kernel,
-        adv_clip=parts.adv_clip,
-        kl=parts.kl,
-    )
+    return GuardedPPOLoss.from_parts(parts._replace(normalizer=BatchRatioNorm(source)))
 
 
 def adaptive_guard(
@@ -202,14 +195,8 @@ def adaptive_guard(
         raise ValueError("adaptive_guard needs the sampling schedule `times` (T,)")
     config = LossConfig("grpo_guard", clip_range, adv_clip, kl_coef, sde, eta, reweight)
     parts = build_parts(config, kernel)
-    return GuardedPPOLoss(
-        parts.normalizer,
-        parts.reweighter,
-        AdaptiveClip(times, target=target, init=clip_range, gain=gain),
-        kernel=parts.kernel,
-        adv_clip=parts.adv_clip,
-        kl=parts.kl,
-    )
+    surrogate = AdaptiveClip(times, target=target, init=clip_range, gain=gain)
+    return GuardedPPOLoss.from_parts(parts._replace(surrogate=surrogate))
 
 
 _KL_MASK_NORMALIZERS: dict[str, Callable[[], RatioNormalizer]] = {
@@ -244,13 +231,12 @@ def kl_mask(
     guard_weight = "auto" if reweight == "uniform" else reweight
     config = LossConfig("grpo_guard", None, adv_clip, kl_coef, sde, eta, guard_weight)
     parts = build_parts(config, kernel)  # the kernel, KL and grpo_guard's timestep weight
-    return GuardedPPOLoss(
-        _KL_MASK_NORMALIZERS[normalizer](),
-        UniformWeight() if reweight == "uniform" else parts.reweighter,
-        KLMask(bound, asymmetric=asymmetric),
-        kernel=parts.kernel,
-        adv_clip=parts.adv_clip,
-        kl=parts.kl,
+    return GuardedPPOLoss.from_parts(
+        parts._replace(
+            normalizer=_KL_MASK_NORMALIZERS[normalizer](),
+            reweighter=UniformWeight() if reweight == "uniform" else parts.reweighter,
+            surrogate=KLMask(bound, asymmetric=asymmetric),
+        )
     )
 
 

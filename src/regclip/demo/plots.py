@@ -77,6 +77,16 @@ def _main_slice(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in runs if _slice(r) == top]
 
 
+def _plot_arm(
+    ax: Any, xs: list[float], ys: list[float], method: str, scale: Any, colors: dict[str, Any]
+) -> None:
+    """One (method, clip setting) line: colour per method, line style per clip setting."""
+    if xs:
+        ax.plot(
+            xs, ys, STYLES.get(scale, "-"), color=colors[method], label=f"{method} {_label(scale)}"
+        )
+
+
 def _frontier(runs: list[dict[str, Any]], path: Path) -> None:
     panels = sorted({_slice(r) for r in runs})
     methods = sorted({r["method"] for r in runs})
@@ -96,15 +106,7 @@ def _frontier(runs: list[dict[str, Any]], path: Path) -> None:
         for (method, scale), group in sorted(
             groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
         ):
-            xs, ys = _mean_curve(group, grid)
-            if xs:
-                ax.plot(
-                    xs,
-                    ys,
-                    STYLES.get(scale, "-"),
-                    color=colors[method],
-                    label=f"{method} {_label(scale)}",
-                )
+            _plot_arm(ax, *_mean_curve(group, grid), method, scale, colors)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("proxy gain (rater's contrast, minus its value at the start)")
         ax.set_ylabel("gold change from the start (contrast - residual)")
@@ -126,15 +128,8 @@ def _speed(runs: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in runs if r["method"] == method]
         for scale in sorted({r["clip_scale"] for r in mine}, key=str):
             group = [r for r in mine if r["clip_scale"] == scale]
-            xs, ys = _mean_curve(group, levels, key="iteration", relative=False)
-            if xs:
-                left.plot(
-                    xs,
-                    ys,
-                    STYLES.get(scale, "-"),
-                    color=colors[method],
-                    label=f"{method} {_label(scale)}",
-                )
+            curve = _mean_curve(group, levels, key="iteration", relative=False)
+            _plot_arm(left, *curve, method, scale, colors)
         pts = [
             (h["iteration"], h["gold"] - r["curve"][0]["gold"])
             for r in mine
