@@ -14,13 +14,15 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from types import ModuleType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 import regclip
 from regclip import GuardedPPOLoss, KLPenalty, LossOutput, TimestepDiagnostics, TransitionKernel
+from regclip.loss_config import PRESET_SPECS, LossConfig, LossParts, Reweight, build_parts
+from regclip.ratio import BatchRatioNorm, RatioNormalizer, Source
 
 __all__ = [
     "IncompatibleUpstreamError",
@@ -144,39 +146,76 @@ def build_loss(
     kl_coef: float = 0.0,
     kl_variance: Literal["transition", "sigma"] = "sigma",
 ) -> GuardedPPOLoss:
-    """The preset ``options.preset`` configured from the upstream run's own settings.
+    """The preset ``options.preset`` configured from the upstream run's own settings, built
+    once from its parts (nothing is set on the loss after construction).
 
-    ``kl_coef`` is upstream's KL weight; with ``kl_variance="sigma"`` the KL divides by
-    sigma_t^2 as Flow-GRPO's ``train_sd3.py`` does, so its ``beta`` keeps its meaning.
+    ``kernel`` is the loss's transition kernel, for every preset (the vanilla ones too, for
+    diagnostics). ``kl_coef`` is upstream's KL weight; with ``kl_variance="sigma"`` the KL
+    divides by sigma_t^2 as Flow-GRPO's ``train_sd3.py`` does, so its ``beta`` keeps its
+    meaning.
     """
     name = options.preset
     vanilla = name in VANILLA_PRESETS
-    kwargs: dict[str, Any] = {
-        "adv_clip": upstream_adv_clip if options.adv_clip is None else options.adv_clip,
-    }
-    if options.clip_range is not None:
-        kwargs["clip_range"] = options.clip_range
-    elif vanilla or name == "grpo_guard_official":  # the authors' configs set theirs
-        kwargs["clip_range"] = upstream_clip_range
-    if not vanilla:
-        kwargs.update(sde=sde, kernel=kernel)
-    if name == "grpo_guard":
-        kwargs["reweight"] = options.reweight
-    loss = regclip.presets.from_name(name, **kwargs)
-    if vanilla:
-        loss.kernel = kernel
-    if kl_coef > 0:
-        loss.kl = KLPenalty(kl_coef, kl_variance)
-    # the vanilla presets and the authors' guard: upstream's own log-prob arithmetic
+    # the vanilla presets and the authors' guard: upstream's own clip range (the authors'
+    # configs set theirs) and upstream's own log-prob arithmetic
     exact = vanilla or name == "grpo_guard_official"
-    source = options.ratio_source or ("log_prob" if exact else loss.normalizer.source)
-    if source not in ("auto", "log_prob", "closed_form"):
+    adv_clip = upstream_adv_clip if options.adv_clip is None else options.adv_clip
+    clip_range = options.clip_range
+    if clip_range is None and exact:
+        clip_range = upstream_clip_range
+    chosen = options.ratio_source or ("log_prob" if exact else None)
+    if chosen is not None and chosen not in ("auto", "log_prob", "closed_form"):
         raise ValueError(
-            f"--regclip_ratio_source must be auto/log_prob/closed_form, got {source!r}"
+            f"--regclip_ratio_source must be auto/log_prob/closed_form, got {chosen!r}"
         )
-    loss.normalizer.source = source
-    loss.fused = options.fused
-    return loss
+    source = cast("Source | None", chosen)
+    if name in PRESET_SPECS:
+        config = LossConfig(
+            preset=name,
+            clip_range=clip_range,
+            adv_clip=adv_clip,
+            sde=sde,
+            reweight=cast(Reweight, options.reweight if name == "grpo_guard" else "auto"),
+            fused=options.fused,
+        )
+        parts = build_parts(config, kernel)
+    else:  # presets composed beyond the registry (kl_mask, ...): their function's parts
+        kwargs: dict[str, Any] = {"adv_clip": adv_clip, "sde": sde, "kernel": kernel}
+        if clip_range is not None:
+            kwargs["clip_range"] = clip_range
+        built = regclip.presets.from_name(name, **kwargs)
+        parts = LossParts(
+            built.normalizer,
+            built.reweighter,
+            built.surrogate,
+            built.kernel,
+            built.adv_clip,
+            built.kl,
+            options.fused,
+        )
+    normalizer = parts.normalizer
+    if source is not None and source != normalizer.source:
+        normalizer = _with_source(normalizer, source)
+    return GuardedPPOLoss.from_parts(
+        parts._replace(
+            normalizer=normalizer,
+            kernel=kernel,
+            kl=KLPenalty(kl_coef, kl_variance) if kl_coef > 0 else parts.kl,
+        )
+    )
+
+
+def _with_source(normalizer: RatioNormalizer, source: Source) -> RatioNormalizer:
+    """A fresh normalizer like ``normalizer`` whose log-ratio comes from ``source``."""
+    if type(normalizer) is BatchRatioNorm:
+        return BatchRatioNorm(source)
+    if type(normalizer) is RatioNormalizer:
+        return RatioNormalizer(
+            debias=normalizer.debias,
+            scale=normalizer.scale,
+            source=source,
+        )
+    raise TypeError(f"cannot choose the ratio source of a {type(normalizer).__name__}")
 
 
 # ----------------------------------------------------------------------------- rollout store

@@ -326,3 +326,77 @@ def test_flow_launcher_names_the_scripts_and_commits(tmp_path):
     assert {"train_qwenimage", "train_wan2_1"} <= set(
         SUPPORTED["9745241cf1101407e9b518dd4f10498092150522"]
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "kl_coef"),
+    [
+        (RegclipOptions(preset="flow_grpo"), 0.04),
+        (RegclipOptions(preset="dance_grpo", adv_clip=2.0), 0.0),
+        (RegclipOptions(preset="grpo_guard", reweight="equalizing", fused=True), 0.0),
+        (RegclipOptions(preset="grpo_guard_official"), 0.04),
+        (RegclipOptions(preset="velocity_guard", ratio_source="closed_form"), 0.0),
+        (RegclipOptions(preset="kl_mask", ratio_source="log_prob"), 0.1),
+    ],
+)
+def test_build_loss_builds_its_parts_once_and_sets_nothing_afterwards(
+    options, kl_coef, monkeypatch
+):
+    """Every part is given to the constructor: no attribute of a built loss or of its
+    normalizer is assigned, and the parts are the intended ones."""
+    constructed = []
+    modules = (regclip.GuardedPPOLoss, regclip.RatioNormalizer)
+    originals = {cls: cls.__init__ for cls in modules}
+
+    def init(cls):
+        def wrapped(self, *args, **kwargs):
+            originals[cls](self, *args, **kwargs)
+            constructed.append(self)
+
+        return wrapped
+
+    def setattr_guard(self, name, value):
+        if any(self is built for built in constructed):
+            raise AssertionError(f"{type(self).__name__}.{name} set after construction")
+        torch.nn.Module.__setattr__(self, name, value)
+
+    for cls in modules:
+        monkeypatch.setattr(cls, "__init__", init(cls))
+    monkeypatch.setattr(regclip.GuardedPPOLoss, "__setattr__", setattr_guard, raising=False)
+    monkeypatch.setattr(regclip.RatioNormalizer, "__setattr__", setattr_guard, raising=False)
+    kernel = regclip.FlowSDE(0.7, sigma_max=0.95)
+    loss = build_loss(
+        options,
+        sde="flow",
+        kernel=kernel,
+        upstream_clip_range=3e-4,
+        upstream_adv_clip=4.0,
+        kl_coef=kl_coef,
+        kl_variance="sigma",
+    )
+    monkeypatch.undo()
+    exact = options.preset in ("flow_grpo", "dance_grpo", "grpo_guard_official")
+    expected_source = options.ratio_source or ("log_prob" if exact else "auto")
+    assert loss.kernel is kernel and loss.fused == options.fused
+    assert loss.normalizer.source == expected_source
+    assert loss.adv_clip == (options.adv_clip or 4.0)
+    if kl_coef > 0:
+        assert (loss.kl.coef, loss.kl.variance) == (kl_coef, "sigma")
+    else:
+        assert loss.kl is None
+    reference = regclip.presets.from_name(
+        options.preset,
+        **({} if options.preset in ("flow_grpo", "dance_grpo") else {"kernel": kernel}),
+    )
+    assert type(loss.normalizer) is type(reference.normalizer)
+    assert (loss.normalizer.debias, loss.normalizer.scale) == (
+        reference.normalizer.debias,
+        reference.normalizer.scale,
+    )
+    assert type(loss.surrogate) is type(reference.surrogate)
+    if options.preset == "grpo_guard":
+        assert type(loss.reweighter).__name__ == "EqualizingWeight"
+    else:
+        assert type(loss.reweighter) is type(reference.reweighter)
+    if exact:
+        assert loss.surrogate.high == 3e-4

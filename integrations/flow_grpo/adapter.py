@@ -374,6 +374,17 @@ class WanSDE(TransitionKernel):
         return (1 + self.sigma(t) ** 2 * (1 - t) / (2 * t)) * dt
 
 
+def _kernel_key(kernel: TransitionKernel) -> tuple[Any, ...]:
+    """What makes two kernels of :meth:`FlowGRPOAdapter._kernel` the same: class and
+    scalar settings (eta, the schedule's sigmas it keeps)."""
+    settings = sorted(
+        (k, v)
+        for k, v in vars(kernel).items()
+        if k != "training" and (v is None or isinstance(v, (bool, int, float, str)))
+    )
+    return (type(kernel), *settings)
+
+
 @dataclass
 class _TrainStep:
     pipeline: Any
@@ -409,6 +420,7 @@ class FlowGRPOAdapter(UpstreamAdapter):
         self._step_signature = inspect.signature(upstream.sde_module.sde_step_with_logprob)
         self._log_signature = inspect.signature(upstream.train_module.compute_log_prob)
         self.logger: LoggerProxy | None = None
+        self._loss_kernel_key: tuple[Any, ...] | None = None
 
     @property
     def spec(self) -> ScriptSpec:
@@ -520,11 +532,14 @@ class FlowGRPOAdapter(UpstreamAdapter):
 
     def _loss_fn(self, config: Any, sigmas: Tensor) -> GuardedPPOLoss:
         sde, kernel = self._kernel(config, sigmas)
-        if self.loss_fn is None:
+        key = _kernel_key(kernel)
+        if self.loss_fn is None or key != self._loss_kernel_key:
+            # built once per kernel (the schedule's sigmas): a new schedule builds a new
+            # loss rather than changing the kernel of a built one
             kl_coef = float(config.train.beta)
             if self.spec.backward == "inject":
                 kl_coef = 0.0  # upstream's own KL term keeps its gradient (module docstring)
-            self.loss_fn = build_loss(
+            loss_fn = build_loss(
                 self.options,
                 sde="cps" if sde == "cps" else "flow",
                 kernel=kernel,
@@ -533,14 +548,14 @@ class FlowGRPOAdapter(UpstreamAdapter):
                 kl_coef=kl_coef,
                 kl_variance=self.spec.kl_variance,
             )
-            normalizer = self.loss_fn.normalizer
+            normalizer = loss_fn.normalizer
             if sde == "cps" and normalizer.debias and normalizer.source == "log_prob":
                 raise SystemExit(
                     "CPS log-probs carry no 1/(2 s^2) (upstream's convention): the guard "
                     "presets need --regclip_ratio_source auto or closed_form with "
                     "sde_type='cps'"
                 )
-        self.loss_fn.kernel = kernel
+            self.loss_fn, self._loss_kernel_key = loss_fn, key
         return self.loss_fn
 
     def _transition_std(self, step: _TrainStep, dt: Tensor) -> Tensor:
