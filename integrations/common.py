@@ -9,7 +9,6 @@ import argparse
 import ast
 import inspect
 import sys
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor
 
 import regclip
-from regclip import GuardedPPOLoss, KLPenalty, LossOutput, TimestepDiagnostics, TransitionKernel
+from regclip import GuardedPPOLoss, KLPenalty, LossOutput, TransitionKernel
 from regclip.loss_config import PRESET_SPECS, LossConfig, LossParts, Reweight, build_parts
 from regclip.ratio import BatchRatioNorm, RatioNormalizer, Source
 
@@ -335,33 +334,118 @@ def inject_gradient(value: Tensor, loss: Tensor) -> Tensor:
 
 class MetricLog:
     """Running means of :attr:`regclip.LossOutput.metrics` and per-timestep statistics,
-    flushed into upstream's logger as ``regclip/<name>`` and ``regclip/step<k>/<name>``."""
+    flushed into upstream's logger as ``regclip/<name>`` and ``regclip/step<k>/<name>``.
+
+    :meth:`add` (every micro-step) only accumulates on the loss's device: it never reads
+    a value on the host, so it costs no device synchronisation. :meth:`flush` (once per
+    logged optimizer step) brings everything to the host in one transfer. The per-step
+    statistics are :meth:`regclip.TimestepDiagnostics.summary`'s: the samples of a step
+    pooled over the calls, population std.
+    """
 
     PER_STEP = ("ratio/mean", "ratio/std", "log_ratio/std", "clip/frac")
+    _FIELDS = ("n", "ratio_dev", "ratio_dev_sq", "log_ratio", "log_ratio_sq", "clipped")
+    """Per-sample sums behind :attr:`PER_STEP` (ratio - 1 as TimestepDiagnostics keeps it)."""
 
     def __init__(self, prefix: str = "regclip/") -> None:
         self.prefix = prefix
-        self.timesteps = TimestepDiagnostics()
-        self._sums: dict[str, float] = defaultdict(float)
+        self._sums: dict[str, Tensor] = {}  # metric name -> 0-d running sum
         self._calls = 0
+        self._by_step: dict[int, Tensor] = {}  # int step index -> (F,) sums of _FIELDS
+        self._rows: list[tuple[Tensor, Tensor]] = []  # tensor step indices: ((B,), (B, F))
 
-    def add(self, output: LossOutput, step_index: int | Tensor) -> None:
-        for name, value in output.metrics.items():
-            self._sums[name] += value
+    @staticmethod
+    def _dtype(device: torch.device) -> torch.dtype:
+        return torch.float32 if device.type == "mps" else torch.float64
+
+    @torch.no_grad()
+    def add(self, output: LossOutput, step_index: int | Sequence[int] | Tensor) -> None:
+        """Accumulate one loss call whose transitions are at ``step_index`` (an int, or
+        (B,) indices), without a host read."""
+        for name, value in output.metric_tensors.items():
+            value = value.detach().to(self._dtype(value.device))
+            total = self._sums.get(name)
+            self._sums[name] = value if total is None else total + value
         self._calls += 1
-        self.timesteps.update(step_index, output)
+        ratio = output.ratio.detach()
+        dtype = self._dtype(ratio.device)
+        dev = ratio.to(dtype) - 1
+        log_ratio = output.log_ratio.detach().to(dtype)
+        fields = torch.stack(
+            [
+                torch.ones_like(dev),
+                dev,
+                dev**2,
+                log_ratio,
+                log_ratio**2,
+                output.clipped.detach().to(dtype),
+            ],
+            dim=1,
+        )  # (B, F)
+        if isinstance(step_index, int):
+            sums = fields.sum(dim=0)
+            known = self._by_step.get(step_index)
+            self._by_step[step_index] = sums if known is None else known + sums
+        else:
+            steps = torch.as_tensor(step_index, device=ratio.device).reshape(-1)
+            self._rows.append((steps.expand(fields.shape[0]).to(dtype), fields))
 
     def flush(self) -> dict[str, float]:
+        """The means since the last flush (one device-to-host transfer); then resets."""
         if self._calls == 0:
             return {}
-        out = {f"{self.prefix}{k}": v / self._calls for k, v in self._sums.items()}
-        for step, stats in self.timesteps.summary().items():
-            for name in self.PER_STEP:
-                out[f"{self.prefix}step{step:02d}/{name}"] = stats[name]
+        names = list(self._sums)
+        known = sorted(self._by_step)
+        n_fields = len(self._FIELDS)
+        parts = [torch.stack([self._sums[n] for n in names])] if names else []
+        parts += [self._by_step[k] for k in known]
+        parts += [
+            torch.cat([steps[:, None], rows], dim=1).reshape(-1) for steps, rows in self._rows
+        ]
+        device = parts[0].device if parts else torch.device("cpu")
+        dtype = self._dtype(device)
+        flat = (
+            torch.cat([p.to(device=device, dtype=dtype) for p in parts]).tolist() if parts else []
+        )
+        out = {
+            f"{self.prefix}{n}": v / self._calls
+            for n, v in zip(names, flat[: len(names)], strict=True)
+        }
+        pos = len(names)
+        totals: dict[int, list[float]] = {}
+        for step in known:
+            totals[step] = flat[pos : pos + n_fields]
+            pos += n_fields
+        while pos < len(flat):  # rows of (step, *fields)
+            step, row = int(flat[pos]), flat[pos + 1 : pos + 1 + n_fields]
+            acc = totals.setdefault(step, [0.0] * n_fields)
+            totals[step] = [a + b for a, b in zip(acc, row, strict=True)]
+            pos += 1 + n_fields
+        for step in sorted(totals):
+            out.update(
+                {
+                    f"{self.prefix}step{step:02d}/{name}": value
+                    for name, value in self._summary(totals[step]).items()
+                }
+            )
         self._sums.clear()
         self._calls = 0
-        self.timesteps.reset()
+        self._by_step.clear()
+        self._rows.clear()
         return out
+
+    @staticmethod
+    def _summary(acc: list[float]) -> dict[str, float]:
+        """:meth:`regclip.TimestepDiagnostics.summary`'s :attr:`PER_STEP` values."""
+        count, dev, dev_sq, lr, lr_sq, clipped = acc
+        n = max(count, 1.0)
+        dev_mean, lr_mean = dev / n, lr / n
+        return {
+            "ratio/mean": 1.0 + dev_mean,
+            "ratio/std": max(dev_sq / n - dev_mean**2, 0.0) ** 0.5,
+            "log_ratio/std": max(lr_sq / n - lr_mean**2, 0.0) ** 0.5,
+            "clip/frac": clipped / n,
+        }
 
 
 class LoggerProxy:

@@ -400,3 +400,106 @@ def test_build_loss_builds_its_parts_once_and_sets_nothing_afterwards(
         assert type(loss.reweighter) is type(reference.reweighter)
     if exact:
         assert loss.surrogate.high == 3e-4
+
+
+def _mixed_output(seed, *, kl):
+    """A seeded loss call with ratios spread enough that some samples clip."""
+    g = torch.Generator().manual_seed(seed)
+    batch = 3 + seed % 4
+    x = torch.randn(batch, 8, generator=g)
+    kernel = regclip.FlowSDE(0.7, 0.9)
+    loss = regclip.presets.mean_revised(sde="flow", kernel=kernel, kl_coef=0.1 if kl else 0.0)
+    return loss(
+        advantages=torch.randn(batch, generator=g),
+        mean=x + 0.05 * torch.randn(batch, 8, generator=g),
+        old_mean=x,
+        next_sample=x + 0.1 * torch.randn(batch, 8, generator=g),
+        std=torch.full((batch,), 0.1),
+        dt=torch.full((batch,), -0.1),
+        t=torch.full((batch,), 0.5),
+        ref_mean=x if kl else None,
+    )
+
+
+def _mixed_calls():
+    """(output, step index) pairs: int steps, (B,) tensors of steps, KL in some calls."""
+    calls = []
+    for seed in range(8):
+        out = _mixed_output(seed, kl=seed % 3 == 0)
+        batch = out.ratio.shape[0]
+        if seed % 2:
+            step = torch.randint(0, 4, (batch,), generator=torch.Generator().manual_seed(seed))
+        else:
+            step = seed % 3
+        calls.append((out, step))
+    return calls
+
+
+def _reference_flush(calls):
+    """What the logger got before: running means of `metrics` over calls, and per step the
+    ratio mean and population stds over the step's samples pooled across calls."""
+    names = {name for out, _ in calls for name in out.metric_tensors}
+    expected = {
+        f"regclip/{name}": sum(
+            float(out.metric_tensors[name]) for out, _ in calls if name in out.metric_tensors
+        )
+        / len(calls)
+        for name in names
+    }
+    ratio = torch.cat([out.ratio.detach().double() for out, _ in calls])
+    log_ratio = torch.cat([out.log_ratio.detach().double() for out, _ in calls])
+    clipped = torch.cat([out.clipped.double() for out, _ in calls])
+    steps = torch.cat(
+        [torch.as_tensor(step).reshape(-1).expand(out.ratio.shape[0]) for out, step in calls]
+    )
+    for step in steps.unique().tolist():
+        sel = steps == step
+        expected[f"regclip/step{step:02d}/ratio/mean"] = float(ratio[sel].mean())
+        expected[f"regclip/step{step:02d}/ratio/std"] = float(ratio[sel].std(unbiased=False))
+        expected[f"regclip/step{step:02d}/log_ratio/std"] = float(
+            log_ratio[sel].std(unbiased=False)
+        )
+        expected[f"regclip/step{step:02d}/clip/frac"] = float(clipped[sel].mean())
+    return expected
+
+
+def test_metric_log_flush_equals_the_pooled_reference_and_timestep_diagnostics():
+    calls = _mixed_calls()
+    log = MetricLog()
+    diagnostics = regclip.TimestepDiagnostics()
+    for out, step in calls:
+        log.add(out, step)
+        diagnostics.update(step, out)
+    flushed = log.flush()
+    expected = _reference_flush(calls)
+    assert set(flushed) == set(expected)
+    assert "regclip/loss/kl" in flushed and "regclip/step03/clip/frac" in flushed
+    clip_fracs = [v for k, v in flushed.items() if k.endswith("/clip/frac") and "step" in k]
+    assert any(0 < v < 1 for v in clip_fracs)  # the batch exercises clipping
+    for key, value in expected.items():
+        assert flushed[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    for step, stats in diagnostics.summary().items():  # the definitions used before
+        for name in MetricLog.PER_STEP:
+            key = f"regclip/step{step:02d}/{name}"
+            assert flushed[key] == pytest.approx(stats[name], rel=1e-9, abs=1e-12), key
+    assert log.flush() == {}
+    log.add(*calls[0])  # reset: the next flush sees only new calls
+    assert log.flush() == pytest.approx(_reference_flush(calls[:1]), rel=1e-6, abs=1e-12)
+
+
+def test_metric_log_add_never_reads_a_value_on_the_host(monkeypatch):
+    calls = _mixed_calls()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("MetricLog.add synchronised with the device")
+
+    log = MetricLog()
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+            patch.setattr(torch.Tensor, name, refuse)
+        patch.setattr(regclip.LossOutput, "metrics", property(refuse))
+        for out, step in calls:
+            log.add(out, step)
+    flushed = log.flush()
+    expected = _reference_flush(calls)
+    assert flushed == pytest.approx(expected, rel=1e-6, abs=1e-12)
