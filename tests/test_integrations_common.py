@@ -503,3 +503,27 @@ def test_metric_log_add_never_reads_a_value_on_the_host(monkeypatch):
     flushed = log.flush()
     expected = _reference_flush(calls)
     assert flushed == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_flow_grpo_adapter_builds_one_loss_per_schedule_and_never_swaps_its_kernel():
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter
+
+    adapter = FlowGRPOAdapter.__new__(FlowGRPOAdapter)  # the loss plumbing only
+    UpstreamAdapter.__init__(
+        adapter,
+        SimpleNamespace(spec=SimpleNamespace(sde="sd3", backward="replace", kl_variance="sigma")),
+        RegclipOptions(preset="grpo_guard"),
+    )
+    adapter._loss_kernel_key = None
+    config = SimpleNamespace(
+        sample=SimpleNamespace(sde_type="sde", noise_level=0.7),
+        train=SimpleNamespace(beta=0.0, clip_range=1e-4, adv_clip_max=5.0),
+    )
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    first = adapter._loss_fn(config, sigmas)
+    assert adapter._loss_fn(config, sigmas.clone()) is first  # same schedule: same loss
+    assert first.kernel.sigma_max == pytest.approx(0.9)
+    other = adapter._loss_fn(config, torch.linspace(1.0, 0.0, 6))
+    assert other is not first and other.kernel.sigma_max == pytest.approx(0.8)
+    assert first.kernel.sigma_max == pytest.approx(0.9)  # the first loss is untouched
+    assert adapter.loss_fn is other
