@@ -6,21 +6,14 @@ torchvision at module level; missing ones get stand-ins (``integrations.standins
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from integrations.common import IncompatibleUpstreamError, RegclipOptions
 from integrations.standins import install_standins
 
-SRC = os.environ.get("REGCLIP_DANCEGRPO_SRC")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.skipif(
-        not SRC,
-        reason="set REGCLIP_DANCEGRPO_SRC=/path/to/DanceGRPO checkout and run `pytest -m upstream`",
-    ),
-]
+from _upstream import upstream_checkout
+
+SRC, pytestmark = upstream_checkout("REGCLIP_DANCEGRPO_SRC", "DanceGRPO checkout")
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from integrations.common import IncompatibleUpstreamError, RegclipOptions
 from integrations.standins import install_standins
 
-SRC = os.environ.get("REGCLIP_FLOW_GRPO_SRC")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.skipif(
-        not SRC,
-        reason="set REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo checkout and run `pytest -m upstream`",
-    ),
-]
+from _upstream import upstream_checkout
+
+SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout")
 
 
 @pytest.fixture(scope="module")

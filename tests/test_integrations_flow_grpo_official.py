@@ -10,7 +10,6 @@ must not (the batch-mean bias is what differs).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,15 +18,9 @@ import torch
 from integrations.common import RegclipOptions
 from integrations.standins import install_standins
 
-SRC = os.environ.get("REGCLIP_FLOW_GRPO_SRC")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.skipif(
-        not SRC,
-        reason="set REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo checkout (9745241) and run "
-        "`pytest -m upstream`",
-    ),
-]
+from _upstream import upstream_checkout
+
+SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
 STEPS = 4
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -34,16 +33,9 @@ from integrations.common import RegclipOptions
 from integrations.standins import install_standins
 
 import regclip
+from _upstream import upstream_checkout
 
-SRC = os.environ.get("REGCLIP_FLOW_GRPO_SRC")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.skipif(
-        not SRC,
-        reason="set REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo checkout (9745241) and run "
-        "`pytest -m upstream`",
-    ),
-]
+SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
 STEPS = 4  # rollout steps
 BATCH = 4

@@ -4,21 +4,14 @@ the real upstream scripts (``pytest -m upstream`` with ``REGCLIP_FLOW_GRPO_SRC``
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-SRC = os.environ.get("REGCLIP_FLOW_GRPO_SRC")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.skipif(
-        not SRC,
-        reason="set REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo checkout (9745241) and run "
-        "`pytest -m upstream`",
-    ),
-]
+from _upstream import upstream_checkout
+
+SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
 
 def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path):
