@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import regclip
-from regclip import fused, presets
+from regclip import TransitionBatch, fused, presets
 
 PRESETS = (
     "flow_grpo",
@@ -240,35 +240,42 @@ def test_fused_under_torch_compile_and_cuda_graph() -> None:
     torch.testing.assert_close(out.loss, eager.loss)
 
 
-def test_fused_flag_runs_the_eager_path_where_the_kernels_do_not_apply() -> None:
-    """On CPU without the interpreter, with a KL term, or from log-probs only, ``fused=True``
-    gives the eager result exactly."""
+def test_fused_flag_runs_the_eager_path_where_a_call_cannot_run_fused() -> None:
+    """On CPU without the interpreter (or with log-probs only), ``fused=True`` gives the
+    eager result exactly and says so in ``backend``."""
     inputs, _ = make_inputs(4, (2, 6, 6))
-    cases = [(build("grpo_guard", True), inputs)]
-    kl = presets.grpo_guard(kl_coef=0.1)
-    kl.fused = True
-    cases.append((kl, dict(inputs, ref_mean=inputs["old_mean"] + 0.01)))
-    if fused.is_available("cpu"):
-        cases = cases[1:]
-    for loss_fn, kw in cases:
+    means_free = {k: v for k, v in inputs.items() if k not in ("mean", "old_mean", "next_sample")}
+    rng = torch.Generator().manual_seed(3)
+    log_probs = {"log_prob": torch.randn(4, generator=rng, dtype=torch.float64),
+                 "old_log_prob": torch.randn(4, generator=rng, dtype=torch.float64)}  # fmt: skip
+    cases = [("flow_grpo", dict(means_free, **log_probs))]
+    if not fused.is_available("cpu"):
+        cases.append(("grpo_guard", inputs))
+    for name, kw in cases:
+        loss_fn = build(name, True)
         out = loss_fn(**kw)
-        loss_fn.fused = False
-        ref = loss_fn(**kw)
-        assert torch.equal(out.loss, ref.loss)
-        assert out.metrics == ref.metrics
-    assert not fused.supports(
-        kl,
-        mean=inputs["mean"],
-        old_mean=inputs["old_mean"],
-        next_sample=inputs["next_sample"],
-        noise=None,
-    )
-    log_prob_only = presets.flow_grpo()
-    log_prob_only.normalizer = regclip.IdentityRatio(source="log_prob")
-    assert not fused.supports(
-        log_prob_only,
-        mean=inputs["mean"],
-        old_mean=inputs["old_mean"],
-        next_sample=inputs["next_sample"],
-        noise=None,
-    )
+        assert out.backend == "eager"
+        eager = build(name, False)(**kw)
+        assert torch.equal(out.loss, eager.loss)
+        assert out.metrics == eager.metrics
+        batch = TransitionBatch.build(**kw, kernel=loss_fn.kernel)
+        assert fused.call_blocker(loss_fn, batch) is not None
+        assert not fused.supports(loss_fn, batch)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: presets.grpo_guard(kl_coef=0.1), "no KL term"),
+        (
+            lambda: regclip.GuardedPPOLoss(regclip.IdentityRatio(source="log_prob")),
+            "from the means",
+        ),
+        (lambda: presets.kl_mask(bound=1e-3), "PPO-clip surrogate only"),
+    ],
+)
+def test_a_loss_the_fused_backend_can_never_run_is_refused_naming_why(make, reason) -> None:
+    loss_fn = make()
+    with pytest.raises(ValueError, match=f"fused=True: .*{reason}"):
+        loss_fn.fused = True
+    assert loss_fn.fused is False

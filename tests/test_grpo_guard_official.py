@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import regclip
-from regclip.fused import supports
+from regclip.fused import static_blocker
 
 
 def _reference(mean, old_mean, next_sample, sigma_t, dt, adv, clip, adv_clip=5.0):
@@ -105,5 +105,6 @@ def test_official_and_per_sample_guard_differ_when_drifts_differ():
 
 def test_official_preset_never_takes_the_fused_path():
     loss_fn = regclip.presets.grpo_guard_official(source="closed_form")
-    x = torch.zeros(2, 4, 4, 4)
-    assert not supports(loss_fn, mean=x, old_mean=x, next_sample=x, noise=None)
+    assert static_blocker(loss_fn) is not None
+    with pytest.raises(ValueError, match="fused=True"):
+        loss_fn.fused = True

@@ -63,6 +63,18 @@ class TransitionBatch:
     """(B, ...) reference (pretrained) policy's proposal mean, for the KL term."""
     kernel: TransitionKernel | None = None
     """The transition kernel, when the loss has one."""
+    noise: Tensor | None = None
+    """(B, ...) the rollout's standard-normal draw, given in place of ``old_mean``."""
+
+    @cached_property
+    def rollout_mean(self) -> Tensor | None:
+        """The rollout policy's mean: ``old_mean`` as given, or regenerated from ``noise``
+        (``next_sample - std * noise``, in at least float32) on first use, so a backend
+        that reads the noise directly never materialises it."""
+        if self.old_mean is not None or self.noise is None:
+            return self.old_mean
+        assert self.next_sample is not None
+        return old_mean_from_noise(self.next_sample.detach(), self.std, self.noise)
 
     @cached_property
     def slope(self) -> Tensor | None:
@@ -78,7 +90,7 @@ class TransitionBatch:
     @property
     def has_means(self) -> bool:
         """Whether the closed-form log-ratio can be computed (mean, old_mean, next_sample)."""
-        return None not in (self.mean, self.old_mean, self.next_sample)
+        return None not in (self.mean, self.rollout_mean, self.next_sample)
 
     @property
     def has_log_probs(self) -> bool:
@@ -180,9 +192,6 @@ class TransitionBatch:
                     f"kernels divide by zero), got min {t_b.min().item():.3g}, "
                     f"max {t_b.max().item():.3g}"
                 )
-        if noise is not None:
-            assert next_sample is not None
-            old_mean = old_mean_from_noise(next_sample.detach(), std_b, noise)
         return cls(
             advantages=advantages.to(std_b.dtype),
             std=std_b,
@@ -195,6 +204,7 @@ class TransitionBatch:
             old_log_prob=old_log_prob,
             ref_mean=ref_mean,
             kernel=kernel,
+            noise=noise,
         )
 
     def require_slope(self, needed_by: str) -> Tensor:
@@ -211,7 +221,7 @@ class TransitionBatch:
         """(mean, old_mean, next_sample) or an error naming the first missing one."""
         return (
             require(self.mean, "mean", needed_by),
-            require(self.old_mean, "old_mean", needed_by),
+            require(self.rollout_mean, "old_mean", needed_by),
             require(self.next_sample, "next_sample", needed_by),
         )
 

@@ -44,8 +44,11 @@ class GuardedPPOLoss(nn.Module):
         kl: optional :class:`KLPenalty`; the call then needs ``ref_mean``.
         validate: check values (finite, signs) on every call; shape checks always run.
         fused: compute the closed-form log-ratio, surrogate, weights and metrics in one
-            Triton reduction per direction (:mod:`regclip.fused`) where it applies (CUDA,
-            means given, no KL); otherwise, and on CPU, this eager path runs.
+            Triton reduction per direction (:mod:`regclip.fused`). A loss the fused backend
+            can never run (a KL term, another surrogate, log-probs only) is refused here,
+            naming the reason; a call it cannot run (CPU without Triton's interpreter, no
+            means, a batch above its limit) runs eagerly, and ``LossOutput.backend`` says
+            which path ran.
 
     Call with keyword tensors (see :class:`regclip.batch.TransitionBatch`): ``advantages``
     (B,) (a list or NumPy array is converted), ``mean``/``old_mean``/``next_sample`` (B, ...), ``std`` and ``dt`` ((B,) or
@@ -78,6 +81,21 @@ class GuardedPPOLoss(nn.Module):
         self.kl = kl
         self.validate = validate
         self.fused = fused
+
+    @property
+    def fused(self) -> bool:
+        """Whether calls run on the fused Triton backend where they can."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: bool) -> None:
+        if value:
+            from .fused import static_blocker
+
+            reason = static_blocker(self)
+            if reason is not None:
+                raise ValueError(f"fused=True: {reason}")
+        self._fused = value
 
     @classmethod
     def from_config(
@@ -126,24 +144,6 @@ class GuardedPPOLoss(nn.Module):
         advantages = as_advantages(advantages, mean)
         if self.kl is not None and ref_mean is None:
             raise ValueError("this loss has a KL penalty: pass `ref_mean`")
-        if self.fused:
-            from .fused import fused_forward  # lazy: imports Triton only when asked for
-
-            result = fused_forward(
-                self,
-                advantages=advantages,
-                std=std,
-                dt=dt,
-                mean=mean,
-                old_mean=old_mean,
-                next_sample=next_sample,
-                t=t,
-                log_prob=log_prob,
-                old_log_prob=old_log_prob,
-                noise=noise,
-            )
-            if result is not None:
-                return result
         batch = TransitionBatch.build(
             advantages=advantages,
             std=std,
@@ -159,6 +159,11 @@ class GuardedPPOLoss(nn.Module):
             validate=self.validate,
             noise=noise,
         )
+        if self.fused:
+            from .fused import call_blocker, fused_forward  # lazy: Triton only when asked
+
+            if call_blocker(self, batch) is None:
+                return fused_forward(self, batch)
         raw_adv = batch.advantages
         adv = raw_adv if self.adv_clip is None else raw_adv.clamp(-self.adv_clip, self.adv_clip)
         log_ratio = self.normalizer(batch)

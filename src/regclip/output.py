@@ -33,6 +33,8 @@ class LossOutput:
     """(low, high) clip ranges of the surrogate."""
     compute_metric_tensors: Callable[[], dict[str, Tensor]] = field(repr=False)
     """Computes the metrics on demand, so a loop that never reads them pays nothing."""
+    backend: str = "eager"
+    """Which path computed this output: ``"eager"`` (PyTorch) or ``"fused"`` (Triton)."""
 
     @cached_property
     def metric_tensors(self) -> dict[str, Tensor]:

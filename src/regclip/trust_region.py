@@ -48,14 +48,14 @@ __all__ = ["KLMask", "transition_kl"]
 
 def transition_kl(batch: TransitionBatch) -> Tensor:
     """(B,) ``mean_D((mu_theta - mu_old)^2) / (2 s_t^2)``, detached, in at least float32."""
-    if batch.mean is None or batch.old_mean is None:
+    if batch.mean is None or batch.rollout_mean is None:
         missing = [n for n in ("mean", "old_mean") if getattr(batch, n) is None]
         raise ValueError(
             f"the KL mask needs the transition means: pass {', '.join(f'`{m}`' for m in missing)}"
             " (or `noise` with `next_sample` in place of `old_mean`)"
         )
     dtype = batch.compute_dtype()
-    delta = batch.mean.detach().to(dtype) - batch.old_mean.detach().to(dtype)
+    delta = batch.mean.detach().to(dtype) - batch.rollout_mean.detach().to(dtype)
     var = batch.std.detach().to(dtype) ** 2
     return (delta**2).mean(dim=tuple(range(1, delta.ndim))) / (2 * var)
 

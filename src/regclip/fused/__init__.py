@@ -1,16 +1,18 @@
 """Fused guard loss: the closed-form log-ratio, bias, surrogate, reweighting and metrics in
 one Triton reduction kernel forward and one backward (:mod:`regclip.fused._kernels`).
 
-Use it through ``GuardedPPOLoss(..., fused=True)`` (or :func:`regclip.presets` losses with
-``loss.fused = True``). The fused path applies when
+It is a backend of :class:`regclip.GuardedPPOLoss`, not a second forward: the loss validates
+its inputs once (:class:`regclip.TransitionBatch`) and hands the batch here. Use it through
+``GuardedPPOLoss(..., fused=True)`` or ``LossConfig(..., fused=True)``.
 
-* the inputs are CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) and Triton
-  imports,
-* the log-ratio comes from the means (``mean``, ``next_sample`` and ``old_mean`` or the
-  rollout ``noise``) in float32/bf16/fp16, and only ``mean`` requires a gradient,
-* the loss has no KL term and a plain :class:`regclip.ClippedSurrogate`;
-
-otherwise the eager PyTorch path runs (it is also the reference the tests compare against).
+* A loss it can never run (a KL term, a surrogate other than a plain
+  :class:`regclip.ClippedSurrogate`, a log-ratio from log-probs) is refused when it is built,
+  naming the reason (:func:`static_blocker`).
+* A call it cannot run falls back to the eager PyTorch path, which is also the reference the
+  tests compare against (:func:`call_blocker`): inputs not on CUDA (or CPU under
+  ``TRITON_INTERPRET=1``), no means, latents not float32/bf16/fp16, a batch above
+  ``MAX_BATCH``, or a gradient wanted for anything but ``mean``. ``LossOutput.backend``
+  says which path ran.
 Any normalizer and reweighter work: their per-sample scale and weight are computed eagerly
 (``(B,)`` tensors) and fed to the kernel. For CUDA-graph capture build the loss with
 ``validate=False`` (value checks synchronise the device).
@@ -22,9 +24,7 @@ import importlib.util
 from typing import Protocol
 
 import torch
-from torch import Tensor
 
-from .._validate import check_finite
 from ..batch import TransitionBatch
 from ..kernels import TransitionKernel
 from ..output import LossOutput
@@ -32,7 +32,14 @@ from ..ratio import RatioNormalizer
 from ..reweight import InverseDtWeight, TimestepReweighter, UniformWeight
 from ..surrogate import ClippedSurrogate
 
-__all__ = ["FusableLoss", "fused_forward", "is_available", "supports"]
+__all__ = [
+    "FusableLoss",
+    "call_blocker",
+    "fused_forward",
+    "is_available",
+    "static_blocker",
+    "supports",
+]
 
 
 class FusableLoss(Protocol):
@@ -65,83 +72,59 @@ def is_available(device: torch.device | str = "cuda") -> bool:
     return _HAS_TRITON and (kind == "cuda" or (kind == "cpu" and interpreting()))
 
 
-def supports(
-    loss_fn: FusableLoss,
-    *,
-    mean: Tensor | None,
-    old_mean: Tensor | None,
-    next_sample: Tensor | None,
-    noise: Tensor | None,
-    extra: tuple[object, ...] = (),
-) -> bool:
-    """Whether :func:`fused_forward` handles this loss and call (see the module docstring)."""
+def static_blocker(loss_fn: FusableLoss) -> str | None:
+    """Why ``loss_fn`` can never run fused (checked when the loss is built), or None."""
+    if loss_fn.kl is not None:
+        return "the fused backend has no KL term"
+    if type(loss_fn.surrogate) is not ClippedSurrogate:
+        return f"the fused backend runs the PPO-clip surrogate only, not {type(loss_fn.surrogate).__name__}"
+    if loss_fn.normalizer.source == "log_prob" or not loss_fn.normalizer.fusable:
+        return (
+            f"the fused backend forms the log-ratio from the means; {loss_fn.normalizer!r} cannot"
+        )
+    return None
+
+
+def call_blocker(loss_fn: FusableLoss, batch: TransitionBatch) -> str | None:
+    """Why this call falls back to the eager path (device, dtype, size, inputs), or None."""
     from .function import MAX_BATCH
 
-    if mean is None or next_sample is None or (old_mean is None) == (noise is None):
-        return False
-    other = old_mean if noise is None else noise
-    assert other is not None
+    mean, next_sample = batch.mean, batch.next_sample
+    other = batch.old_mean if batch.noise is None else batch.noise
+    if mean is None or next_sample is None or other is None:
+        return "the call gives no means (log-probs only)"
     latents = (mean, other, next_sample)
-    return (
-        loss_fn.kl is None
-        and type(loss_fn.surrogate) is ClippedSurrogate
-        and loss_fn.normalizer.source != "log_prob"
-        and loss_fn.normalizer.fusable
-        and all(v.dtype in _DTYPES and v.device == mean.device for v in latents)
-        and mean.ndim >= 2
-        and 0 < mean.shape[0] <= MAX_BATCH
-        and not any(v.requires_grad for v in (other, next_sample))
-        and not any(isinstance(v, Tensor) and v.requires_grad for v in extra)
-        and is_available(mean.device)
-    )
+    if not all(v.dtype in _DTYPES and v.device == mean.device for v in latents):
+        return "latents are not float32/bf16/fp16 on one device"
+    if not 0 < mean.shape[0] <= MAX_BATCH:
+        return f"batch size {mean.shape[0]} is above {MAX_BATCH}"
+    per_sample = (other, next_sample, batch.advantages, batch.std, batch.dt, batch.t)
+    if any(v is not None and v.requires_grad for v in per_sample):
+        return "only `mean` may require a gradient"
+    if not is_available(mean.device):
+        return f"Triton kernels are not available on {mean.device}"
+    return None
 
 
-def fused_forward(
-    loss_fn: FusableLoss,
-    *,
-    advantages: Tensor,
-    std: Tensor | float,
-    dt: Tensor | float,
-    mean: Tensor | None,
-    old_mean: Tensor | None,
-    next_sample: Tensor | None,
-    t: Tensor | float | None = None,
-    log_prob: Tensor | None = None,
-    old_log_prob: Tensor | None = None,
-    noise: Tensor | None = None,
-) -> LossOutput | None:
-    """``loss_fn``'s result through the fused kernels, or ``None`` where they do not apply.
+def supports(loss_fn: FusableLoss, batch: TransitionBatch) -> bool:
+    """Whether :func:`fused_forward` runs ``loss_fn`` on ``batch`` (module docstring)."""
+    return static_blocker(loss_fn) is None and call_blocker(loss_fn, batch) is None
 
-    Same keywords as :meth:`regclip.GuardedPPOLoss.forward` (``log_prob``/``old_log_prob``
-    are accepted and unused: the closed form needs only the means).
-    """
+
+def fused_forward(loss_fn: FusableLoss, batch: TransitionBatch) -> LossOutput:
+    """``loss_fn``'s result on the validated ``batch`` through the fused kernels; call only
+    where :func:`supports` holds."""
     from .function import STAT_NAMES, SurrogateConfig, fused_guard
 
-    extra = (advantages, std, dt, t)
-    if not supports(
-        loss_fn, mean=mean, old_mean=old_mean, next_sample=next_sample, noise=noise, extra=extra
-    ):
-        return None
-    assert mean is not None and next_sample is not None
-    batch = TransitionBatch.build(
-        advantages=advantages, std=std, dt=dt, t=t, mean=mean, old_mean=old_mean,
-        next_sample=next_sample, kernel=loss_fn.kernel, validate=loss_fn.validate,
-    )  # fmt: skip
-    if noise is not None:
-        if noise.shape != mean.shape:
-            raise ValueError(
-                f"`noise` has shape {tuple(noise.shape)}, expected {tuple(mean.shape)}"
-            )
-        if loss_fn.validate:
-            check_finite(noise, "noise")
+    mean, next_sample = batch.mean, batch.next_sample
+    other = batch.old_mean if batch.noise is None else batch.noise
+    assert mean is not None and next_sample is not None and other is not None
     normalizer, surrogate, reweighter = loss_fn.normalizer, loss_fn.surrogate, loss_fn.reweighter
     # the common scales and weights are computed in the kernel (no extra launches)
     scale_mode = {"none": 0, "std": 1}.get(normalizer.scale, 2)
     weight_mode = {UniformWeight: 0, InverseDtWeight: 1}.get(type(reweighter), 2)
     scale = normalizer.scale_factor(batch).float().contiguous() if scale_mode == 2 else None
     weight = reweighter(batch, normalizer).float().contiguous() if weight_mode == 2 else None
-    if any(v is not None and v.requires_grad for v in (scale, weight)):
-        return None
     cfg = SurrogateConfig(
         debias=normalizer.debias,
         scale_mode=scale_mode,
@@ -151,12 +134,10 @@ def fused_forward(
         hi_bound=None if surrogate.high is None else 1.0 + surrogate.high,
         dual=surrogate.dual,
     )
-    other = old_mean if noise is None else noise
-    assert other is not None
     f32 = torch.float32
     loss, log_ratio, ratio, clipped, rows, stats = fused_guard(
         mean, other, next_sample, batch.std.to(f32).contiguous(), batch.dt.to(f32).contiguous(),
-        batch.advantages.to(f32).contiguous(), cfg, noise=noise is not None,
+        batch.advantages.to(f32).contiguous(), cfg, noise=batch.noise is not None,
         scale=scale, weight=weight,
     )  # fmt: skip
     return LossOutput(
@@ -168,4 +149,5 @@ def fused_forward(
         advantages=rows[3],
         clip_bounds=(surrogate.low, surrogate.high),
         compute_metric_tensors=lambda: dict(zip(STAT_NAMES, stats.unbind(0), strict=True)),
+        backend="fused",
     )
