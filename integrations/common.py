@@ -75,8 +75,9 @@ class RegclipOptions:
     presets and ``grpo_guard_official`` (upstream's numbers bit for bit), the preset's own
     (``auto``) otherwise."""
     fused: bool = False
-    """Compute the guard loss with the fused Triton kernels where they apply (CUDA, means
-    given, no KL; :mod:`regclip.fused`); the eager path otherwise."""
+    """Compute the guard loss with the fused Triton kernels (:mod:`regclip.fused`): calls
+    they cannot run (no CUDA, no means) run eagerly; a loss they can never run (a KL term,
+    the authors' batch-mean guard) is refused when it is built."""
     means_device: str = "same"
     """Where rollout means are kept: ``same`` (the rollout's device) or ``cpu``."""
     max_steps: int = 0
