@@ -1,4 +1,6 @@
-"""The marks of a test module that runs real upstream code from a checkout named by an
+"""Shared pieces of the test modules that run real upstream code.
+
+The marks of a test module that runs real upstream code from a checkout named by an
 environment variable: ``pytest -m upstream`` selects it, and it skips, saying what to set,
 when the variable is unset."""
 
@@ -7,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 
 def upstream_checkout(variable: str, what: str) -> tuple[str | None, list[pytest.MarkDecorator]]:
@@ -15,3 +18,29 @@ def upstream_checkout(variable: str, what: str) -> tuple[str | None, list[pytest
     src = os.environ.get(variable)
     reason = f"set {variable}=/path/to/{what} and run `pytest -m upstream`"
     return src, [pytest.mark.upstream, pytest.mark.skipif(not src, reason=reason)]
+
+
+class NoStep:
+    """An optimizer that does nothing, so an upstream loop leaves the gradients in place."""
+
+    def step(self) -> None:
+        return None
+
+    def zero_grad(self) -> None:
+        return None
+
+
+def take_grads(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of ``module``'s gradients, then cleared."""
+    out = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def rel_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Largest ``||a - b|| / ||b||`` over the parameters with a non-zero gradient."""
+    return max(
+        float((a - b).norm() / b.norm())
+        for a, b in zip(grads, reference, strict=True)
+        if b.norm() > 0
+    )

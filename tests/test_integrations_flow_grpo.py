@@ -8,7 +8,7 @@ import torch
 from integrations.common import IncompatibleUpstreamError, RegclipOptions
 from integrations.standins import install_standins
 
-from _upstream import upstream_checkout
+from _upstream import NoStep, take_grads, upstream_checkout
 
 SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout")
 
@@ -81,20 +81,6 @@ def _perturb(module, seed, scale=2e-3):
             p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
-class _NoStep:
-    def step(self):
-        return None
-
-    def zero_grad(self):
-        return None
-
-
-def _grads(module):
-    out = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad(set_to_none=True)
-    return out
-
-
 def test_vanilla_preset_reproduces_upstream_loss_and_gradient(up, logger):
     from accelerate import Accelerator
     from integrations.flow_grpo import smoke
@@ -111,13 +97,13 @@ def test_vanilla_preset_reproduces_upstream_loss_and_gradient(up, logger):
     steps = config.sample.num_steps
 
     smoke.run_timestep_loop(
-        up, pipe, sample, config, Accelerator(gradient_accumulation_steps=steps), _NoStep(), embeds
+        up, pipe, sample, config, Accelerator(gradient_accumulation_steps=steps), NoStep(), embeds
     )
-    upstream_grads = _grads(pipe.transformer)
+    upstream_grads = take_grads(pipe.transformer)
     with adapter:
         accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
-        smoke.run_timestep_loop(up, pipe, sample, config, accelerator, _NoStep(), embeds)
-    adapter_grads = _grads(pipe.transformer)
+        smoke.run_timestep_loop(up, pipe, sample, config, accelerator, NoStep(), embeds)
+    adapter_grads = take_grads(pipe.transformer)
 
     upstream_log, adapter_log = logger.logs
     assert 0 < upstream_log["clipfrac"] < 1  # some samples clipped, some not
@@ -168,17 +154,17 @@ def test_vanilla_preset_reproduces_upstreams_kl_term(up, logger):
         sample,
         config,
         Accelerator(gradient_accumulation_steps=steps),
-        _NoStep(),
+        NoStep(),
         embeds,
         transformer=prepared,
     )
-    upstream_grads = _grads(torch.nn.ParameterList(lora_params))
+    upstream_grads = take_grads(torch.nn.ParameterList(lora_params))
     with adapter:
         accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
         smoke.run_timestep_loop(
-            up, pipe, sample, config, accelerator, _NoStep(), embeds, transformer=prepared
+            up, pipe, sample, config, accelerator, NoStep(), embeds, transformer=prepared
         )
-    adapter_grads = _grads(torch.nn.ParameterList(lora_params))
+    adapter_grads = take_grads(torch.nn.ParameterList(lora_params))
 
     upstream_log, adapter_log = logger.logs
     assert upstream_log["kl_loss"] > 0

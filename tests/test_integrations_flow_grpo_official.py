@@ -18,7 +18,7 @@ import torch
 from integrations.common import RegclipOptions
 from integrations.standins import install_standins
 
-from _upstream import upstream_checkout
+from _upstream import NoStep, rel_error, take_grads, upstream_checkout
 
 SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
@@ -41,29 +41,6 @@ def authors(up):
     if not script.is_file():
         pytest.skip(f"{script} is not in this checkout: it needs Flow-GRPO 9745241")
     return import_script(up.root, "train_sd3_GRPO_Guard")
-
-
-class _NoStep:
-    def step(self):
-        return None
-
-    def zero_grad(self):
-        return None
-
-
-def _grads(module):
-    out = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad(set_to_none=True)
-    return out
-
-
-def _rel_error(grads, reference):
-    """Largest ``||a - b|| / ||b||`` over the parameters with a non-zero gradient."""
-    return max(
-        float((a - b).norm() / b.norm())
-        for a, b in zip(grads, reference, strict=True)
-        if b.norm() > 0
-    )
 
 
 def _rollout(up, pipe, embeds, config):
@@ -108,9 +85,9 @@ def _run(up, module, pipe, sample, config, embeds, accelerator_cls):
 
     accelerator = accelerator_cls(gradient_accumulation_steps=STEPS)
     smoke.run_timestep_loop(
-        SimpleNamespace(train_module=module), pipe, sample, config, accelerator, _NoStep(), embeds
+        SimpleNamespace(train_module=module), pipe, sample, config, accelerator, NoStep(), embeds
     )
-    return _grads(pipe.transformer)
+    return take_grads(pipe.transformer)
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -143,7 +120,7 @@ def test_official_preset_reproduces_the_authors_grpo_guard_step(up, authors, mon
     assert adapter.loss_fn is not None and adapter.loss_fn.normalizer.name == "batch_ratio_norm"
     assert any(g.abs().sum() > 0 for g in theirs)
     # float32 arithmetic in a different order: equal to rounding (relative norm error)
-    assert _rel_error(ours, theirs) < 1e-5
+    assert rel_error(ours, theirs) < 1e-5
     (their_log,), (our_log,) = authors_log.logs, adapter_log.logs
     # mean(-A rho) with rho = 1 +- 1e-6 and zero-mean A: a float32 ulp of rho times |A| / dt
     # (~1e-6) bounds the agreement of the values, not their size
@@ -157,4 +134,4 @@ def test_official_preset_reproduces_the_authors_grpo_guard_step(up, authors, mon
     with FlowGRPOAdapter(up, RegclipOptions(preset="grpo_guard")) as per_sample:
         per_sample.store = adapter.store
         other = _run(up, up.train_module, pipe, sample, config, embeds, up.train_module.Accelerator)
-    assert _rel_error(other, theirs) > 1e-3
+    assert rel_error(other, theirs) > 1e-3

@@ -33,7 +33,7 @@ from integrations.common import RegclipOptions
 from integrations.standins import install_standins
 
 import regclip
-from _upstream import upstream_checkout
+from _upstream import NoStep, rel_error, upstream_checkout
 
 SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
@@ -52,14 +52,6 @@ def _upstream(script: str) -> Any:
     assert up.commit == FLOW_GRPO_COMMIT_9745241 or script == "train_sd3"  # also at ac4c86e
     assert up.commit is not None
     return up
-
-
-class _NoStep:
-    def step(self):
-        return None
-
-    def zero_grad(self):
-        return None
 
 
 class _Prepared(torch.nn.Module):
@@ -473,7 +465,7 @@ def _run_loop(up, module, pipe, sample, config, namespace, accelerator_cls, step
         "pipeline": pipe,
         "sample": sample,
         "config": config,
-        "optimizer": _NoStep(),
+        "optimizer": NoStep(),
         "autocast": contextlib.nullcontext,
         "info": defaultdict(list),
         "epoch": 0,
@@ -492,14 +484,6 @@ def _run_loop(up, module, pipe, sample, config, namespace, accelerator_cls, step
     grads = [p.grad.clone() for p in pipe.transformer.parameters()]
     pipe.transformer.zero_grad(set_to_none=True)
     return grads
-
-
-def _rel_error(grads, reference):
-    return max(
-        float((a - b).norm() / b.norm())
-        for a, b in zip(grads, reference, strict=True)
-        if b.norm() > 0
-    )
 
 
 def _regclip_reference(up, adapter, pipe, sample, config, namespace, steps, old_means):
@@ -584,7 +568,7 @@ def _check(up, build, config, seed, monkeypatch):
     theirs = run(up.train_module, Recording)
     with vanilla:
         ours = run(up.train_module, up.train_module.Accelerator)
-    assert _rel_error(ours, theirs) < 1e-6
+    assert rel_error(ours, theirs) < 1e-6
     upstream_log, vanilla_log = logger.logs[-2:]
     # train_qwenimage.py logs its loss already divided by gradient_accumulation_steps
     scale = steps if up.spec.backward == "inject" else 1
@@ -604,8 +588,8 @@ def _check(up, build, config, seed, monkeypatch):
         expected_kernel = WanSDE
     assert isinstance(guard.loss_fn.kernel, expected_kernel)
     reference = _regclip_reference(up, guard, pipe, sample, config, namespace, steps, old_means)
-    assert _rel_error(guarded, reference) < 1e-4
-    assert _rel_error(guarded, theirs) > 1e-2  # a different loss: the check can fail
+    assert rel_error(guarded, reference) < 1e-4
+    assert rel_error(guarded, theirs) > 1e-2  # a different loss: the check can fail
     assert {"regclip/loss", "regclip/clip/frac", "regclip/step00/clip/frac"} <= set(log)
     assert f"regclip/step{steps - 1:02d}/ratio/mean" in log
     return log
