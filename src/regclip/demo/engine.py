@@ -26,9 +26,11 @@ import torch
 from torch import Tensor
 
 from ..advantages import group_advantages
+from ..batch import TransitionBatch
 from ..diagnostics import calibrate_clip_range
 from ..loss import GuardedPPOLoss, LossOutput
-from .arms import RunSpec, build_loss, kernel_for
+from ..trust_region import transition_kl
+from .arms import RunSpec, build_loss, kernel_for, parse_method
 from .config import DemoConfig
 from .nets import EnsembleMixer
 from .pretrain import Pretrained
@@ -108,17 +110,17 @@ class _Ensemble:
         self.gens = [torch.Generator(device).manual_seed(10_007 + r.seed) for r in runs]
         self.batch = cfg.groups * cfg.group_size
 
-    def rollout(self) -> tuple[Rollout, Tensor, Tensor, Tensor | None]:
-        """A rollout, its (E, B) rewards, (E, T*B) advantages, reference means or None."""
+    @torch.no_grad()
+    def rollout(self) -> tuple[Rollout, Tensor, Tensor, Tensor, Tensor | None]:
+        """A rollout; its (E, B) rewards; (E, T*B) advantages; the rollout policy's means
+        re-scored in the training passes' layout (so the first pass's ratio is exactly 1);
+        the reference means, or None without a KL arm."""
         roll = sde_rollout(self.net, self.kernel, self.times, self.batch, self.gens)
-        final = roll.final
-        rewards = torch.stack([p(x) for p, x in zip(self.proxies, final, strict=True)])
+        rewards = torch.stack([p(x) for p, x in zip(self.proxies, roll.final, strict=True)])
         adv = _advantages(rewards, self.cfg.group_size, self.cfg.num_steps)
-        ref = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref = score(self.ref, self.kernel, roll)[0]
-        return roll, rewards, adv, ref
+        old_means = score(self.net, self.kernel, roll)[0]
+        ref = None if self.ref is None else score(self.ref, self.kernel, roll)[0]
+        return roll, rewards, adv, old_means, ref
 
     def losses_of(self, roll: Rollout, old_means: Tensor, adv: Tensor, ref: Tensor | None) -> list:
         means, std = score(self.net, self.kernel, roll)
@@ -211,9 +213,7 @@ def run_ensemble(
         if keep_images:
             rec.images["start"] = img[:keep_images].cpu()
     for it in range(1, cfg.iterations + 1):
-        roll, rewards, adv, ref = ens.rollout()
-        with torch.no_grad():
-            old_means = score(ens.net, ens.kernel, roll)[0]
+        roll, rewards, adv, old_means, ref = ens.rollout()
         stats: list[dict[str, Tensor]] = [{"rollout_proxy": r.mean()} for r in rewards]
         clip_steps: list[Tensor] = []
         for k in range(passes):
@@ -269,22 +269,22 @@ def calibrate(
     probe = {m.replace("adaptive_guard", "grpo_guard") for m in methods}
     bases: dict[str, float] = {}
     for sde in ("flow", "dance"):
-        names = sorted(m for m in probe if RunSpec(m, None, 2, 0).sde == sde)
+        names = sorted(m for m in probe if parse_method(m)[1] == sde)
         if not names:
             continue
         runs = [RunSpec(m, None, 2, 0) for m in names]
         ens = _Ensemble(cfg, runs, pre, proxies, dict.fromkeys(names, 1.0), device)
-        roll, _, adv, ref = ens.rollout()
-        with torch.no_grad():
-            old_means = score(ens.net, ens.kernel, roll)[0]
+        roll, _, adv, old_means, ref = ens.rollout()
         ens.step(ens.losses_of(roll, old_means, adv, ref))
         with torch.no_grad():
             means, std = score(ens.net, ens.kernel, roll)
             outs = ens.losses_of(roll, old_means, adv, ref)
         for e, (name, out) in enumerate(zip(names, outs, strict=True)):
-            if RunSpec(name, None, 2, 0).base == "kl_mask":
-                delta = (means[e] - old_means[e]).flatten(1)
-                kl = delta.pow(2).mean(1) / (2 * std**2)
+            if parse_method(name)[0] == "kl_mask":
+                batch = TransitionBatch(
+                    advantages=adv[e], std=std, dt=roll.dt, mean=means[e], old_mean=old_means[e]
+                )
+                kl = transition_kl(batch)
                 bases[name] = float(torch.quantile(kl.double(), 1 - cfg.clip_target))
             else:
                 bases[name] = calibrate_clip_range(out.log_ratio, cfg.clip_target)
