@@ -30,10 +30,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DiscWorld", "GoldFit", "fit_discs", "to_image", "to_model"]
+__all__ = ["DiscWorld", "GoldFit", "fit_discs", "soft_discs", "to_image", "to_model"]
 
 EDGE = 0.6
 """Edge softness ``w`` in pixels."""
+
+
+def soft_discs(side: int, cx: Tensor, cy: Tensor, r: Tensor) -> Tensor:
+    """(N, side, side) masks ``sigmoid((r - |p - c|) / EDGE)`` for (N,) centres and radii:
+    the one disc shape that the world renders and the gold fit searches for."""
+    grid = torch.arange(side, dtype=torch.float64, device=cx.device)
+    dy = grid.view(1, -1, 1) - cy.view(-1, 1, 1)
+    dx = grid.view(1, 1, -1) - cx.view(-1, 1, 1)
+    return torch.sigmoid((r.view(-1, 1, 1) - torch.sqrt(dx**2 + dy**2)) / EDGE)
 
 
 def to_model(image: Tensor) -> Tensor:
@@ -64,10 +73,7 @@ class DiscWorld:
 
     def mask(self, cx: Tensor, cy: Tensor, r: Tensor) -> Tensor:
         """(N, size, size) soft disc masks for centres (cx, cy) and radii r, each (N,)."""
-        grid = torch.arange(self.size, dtype=torch.float64, device=cx.device)
-        dy = grid.view(1, -1, 1) - cy.view(-1, 1, 1)
-        dx = grid.view(1, 1, -1) - cx.view(-1, 1, 1)
-        return torch.sigmoid((r.view(-1, 1, 1) - torch.sqrt(dx**2 + dy**2)) / EDGE)
+        return soft_discs(self.size, cx, cy, r)
 
     def render(self, cx: Tensor, cy: Tensor, r: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """(N, 1, size, size) float32 images in [0, 1] from (N,) attributes."""
@@ -118,12 +124,7 @@ def _disc_kernels(world: DiscWorld, device: torch.device) -> tuple[Tensor, int]:
     k = 2 * half + 1
     radii = world.radii.to(device)
     centre = torch.full_like(radii, float(half))
-    grid = torch.arange(k, dtype=torch.float64, device=device)
-    dist = torch.sqrt(
-        (grid.view(1, -1, 1) - centre.view(-1, 1, 1)) ** 2 + (grid.view(1, 1, -1) - half) ** 2
-    )
-    masks = torch.sigmoid((radii.view(-1, 1, 1) - dist) / EDGE)
-    return masks.unsqueeze(1), half
+    return soft_discs(k, centre, centre, radii).unsqueeze(1), half
 
 
 def _correlate(images: Tensor, masks: Tensor, half: int) -> Tensor:
