@@ -1,15 +1,19 @@
 """The frontier experiment on one GPU: many worker processes share it, each an ensemble.
 
-    python benchmarks/frontier_gpu.py --plan pilot --out OUT [--workers N]
+    python benchmarks/frontier_gpu.py --plan explore --out OUT
+    python benchmarks/frontier_gpu.py --plan confirm --out OUT
 
-1. Pretrains the generators (or loads them from ``$REGCLIP_CACHE``; checkpoints are written
-   there so a later call can carry them and reuse them by hash), fits the raters and
-   calibrates every method's base clip range once.
-2. Splits the plan's runs into groups that share a kernel and passes, spreads them over
-   ``--workers`` processes (``--worker`` mode of this script), and waits.
-3. Merges the workers' ``frontier.json`` files into ``OUT/frontier.json``.
+1. Pretrains every latent size's generators in parallel processes (or loads them from
+   ``$REGCLIP_CACHE``), one generator per replicate seed.
+2. Fits each replicate's rater and calibrates every method's base clip range per latent size
+   and kernel, once (the probe rollout uses the plan's first replicate).
+3. Runs the plan's shards (runs that share a kernel, passes, lr and size) as worker
+   processes (``--worker`` mode of this script), all at once, each with its time limit.
+4. Merges the workers' ``frontier.json`` files into ``OUT/frontier.json``.
 
-Plans are fixed lists of arms, written down before they were run (see ``PLANS``).
+``explore`` runs on exploration replicates and chose the learning rate, the iterations, the
+proxy levels and the grids. ``confirm`` runs the pre-registered plan of
+``docs/results/preregistration.md`` on the confirmation replicates, once.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from regclip.demo.arms import RunSpec
-from regclip.demo.config import PRESET_BUDGETS, DemoConfig
+from regclip.demo.config import CLIP_GRID, PRESET_BUDGETS, DemoConfig
 from regclip.demo.engine import calibrate
 from regclip.demo.experiment import dump_compact, run_experiment
 from regclip.demo.pretrain import load_or_pretrain
@@ -35,81 +40,108 @@ from regclip.demo.world import DiscWorld
 
 GPU = dataclasses.replace(DemoConfig(), **PRESET_BUDGETS["gpu"], device="cuda")
 
+SIZES: dict[int, dict[str, int]] = {
+    32: {"size": 32, "patch": 4},
+    64: {"size": 64, "patch": 8},
+    128: {"size": 128, "patch": 16},
+}
+"""Image side -> network: D = 1024, 4096, 16384, always 64 tokens (the patch grows with D)."""
 
-def _grid(methods, scales, passes, seeds):
-    return [
-        RunSpec(m, s, p, seed) for m in methods for s in scales for p in passes for seed in seeds
+CLIPPED = ("flow_grpo", "grpo_guard", "ratio_norm", "velocity_guard")
+PAIR = ("flow_grpo", "grpo_guard")
+
+
+def _grid(methods, scales, seeds, option=None, passes=4):
+    return [RunSpec(m, s, passes, seed, option) for m in methods for s in scales for seed in seeds]
+
+
+def _other_arms(cfg: DemoConfig, seeds, suffix: str = "") -> list[RunSpec]:
+    """adaptive_guard at its targets, flow_grpo_kl at its coefficients, kl_mask over its
+    bounds."""
+    runs = [
+        RunSpec(f"adaptive_guard{suffix}", None, 4, s, t)
+        for t in cfg.adaptive_targets
+        for s in seeds
     ]
+    if not suffix:
+        runs += [RunSpec("flow_grpo_kl", 1.0, 4, s, c) for c in cfg.kl_coefs for s in seeds]
+    runs += _grid((f"kl_mask{suffix}",), cfg.kl_bounds, seeds)
+    return runs
 
 
-Shard = tuple[dict, list[RunSpec]]
-"""A worker: config overrides and its runs. Overrides with ``size`` make the worker pretrain
-(or load) its own generators and calibrate its own clip ranges; ``pretrain_only`` stops
-there."""
+Shard = tuple[dict[str, Any], list[RunSpec]]
+"""A worker: config overrides (``size`` selects the latent size, ``wave`` the group of
+workers it runs beside, default 0; the rest are :class:`DemoConfig` fields) and its runs.
+Waves run one after the other, so each fits the GPU's memory."""
+
+EXPLORE_SEEDS = (100, 101, 102)
+"""Exploration replicates (tuning only)."""
+
+EXPLORE = dataclasses.replace(
+    GPU,
+    iterations=40,
+    lr=1e-4,
+    eval_samples=64,
+    clip_scales=CLIP_GRID,
+    kl_bounds=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 4.0),
+    kl_coefs=(0.02, 0.1),
+    adaptive_targets=(0.05, 0.15, 0.3),
+    phase="exploration",
+)
 
 
-def plan_pilot() -> tuple[DemoConfig, list[list[Shard]]]:
-    """Knob finding on GRPO seeds 0 and 1: does vanilla hack, how fast, at two learning rates;
-    every arm once on the GPU. Its results chose lr 1e-4 and 60 iterations for ``main``."""
-    seeds = (0, 1)
-    grid = _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (0.25, 1.0, 4.0, None), (4,), seeds)
-    grid += _grid(("adaptive_guard",), (None,), (4,), seeds)
-    grid += _grid(("kl_mask", "flow_grpo_kl"), (1.0,), (4,), seeds)
-    dance = _grid(
-        ("flow_grpo_dance", "grpo_guard_dance", "adaptive_guard_dance"), (1.0,), (4,), seeds
-    )
-    return GPU, [
-        [
-            ({"lr": 1e-4}, grid),
-            ({"lr": 3e-4}, grid),
-            ({"lr": 1e-4}, dance),
-            ({"lr": 1e-4}, _grid(("flow_grpo", "grpo_guard"), (1.0,), (16,), seeds)),
-        ]
-    ]
-
-
-SMALL = {"size": 32, "patch": 4, "pretrain_steps": 2000}
-"""The second latent size (D = 1024): the same network on 4 x 4 patches."""
-
-
-def plan_main() -> tuple[DemoConfig, list[list[Shard]]]:
-    """The comparison, on GRPO seeds 10-14 (not used by the pilot), in two waves that each
-    fit the GPU's memory."""
-    seeds = (10, 11, 12, 13, 14)
-    scales = (0.25, 1.0, 4.0, None)
-    cfg = dataclasses.replace(GPU, lr=1e-4, iterations=60, eval_every=5)
-    wave1 = [
-        ({}, _grid(("flow_grpo", "grpo_guard"), scales, (4,), seeds)),
-        ({}, _grid(("velocity_guard", "ratio_norm"), scales, (4,), seeds)),
+def plan_explore() -> tuple[DemoConfig, list[Shard]]:
+    """Exploration: generator quality at three latent sizes; every arm at D = 4096 on three
+    replicates at lr 1e-4, vanilla and GRPO-Guard at lr 3e-4; 1 and 16 passes, Dance-SDE and
+    the other latent sizes on two replicates."""
+    seeds, two = EXPLORE_SEEDS, EXPLORE_SEEDS[:2]
+    cfg = EXPLORE
+    shards: list[Shard] = [
+        ({"size": 64}, _grid(PAIR, CLIP_GRID, seeds)),
+        ({"size": 64}, _grid(CLIPPED[2:], CLIP_GRID, two)),
+        ({"size": 64}, _other_arms(cfg, two)),
+        ({"size": 64, "lr": 3e-4}, _grid(PAIR, CLIP_GRID, two)),
+        ({"size": 64, "wave": 1}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), two, passes=16)),
+        ({"size": 64, "wave": 1}, _grid(PAIR, (1.0,), two, passes=1)),
+        ({"size": 64, "wave": 1, "lr": 4e-4}, _grid(PAIR, (1.0,), two, passes=1)),
         (
-            {},
-            _grid(("flow_grpo_kl",), scales, (4,), seeds)
-            + _grid(("adaptive_guard",), (None,), (4,), seeds)
-            + _grid(("kl_mask",), (0.25, 1.0, 4.0), (4,), seeds),
+            {"size": 64, "wave": 1},
+            _grid(("flow_grpo_dance", "grpo_guard_dance"), CLIP_GRID, seeds[:1]),
         ),
-        ({}, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (1.0,), (1,), seeds)),
-        ({}, _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (1.0,), (16,), seeds)),
-        ({**SMALL, "pretrain_only": True}, [RunSpec("flow_grpo", 1.0, 4, s) for s in (0, 1)]),
+        ({"size": 32, "wave": 1}, _grid(PAIR, CLIP_GRID, seeds[:1])),
+        ({"size": 128, "wave": 1}, _grid(PAIR, CLIP_GRID, seeds[:1])),
     ]
-    wave2 = [
-        ({}, _grid(("flow_grpo_dance", "grpo_guard_dance"), (0.25, 1.0, 4.0), (4,), seeds)),
-        (
-            {},
-            _grid(("velocity_guard_dance",), (0.25, 1.0, 4.0), (4,), seeds)
-            + _grid(("adaptive_guard_dance",), (None,), (4,), seeds)
-            + _grid(("kl_mask_dance",), (1.0,), (4,), seeds),
-        ),
-        (
-            SMALL,
-            _grid(("flow_grpo", "grpo_guard", "velocity_guard"), (0.25, 1.0, 4.0), (4,), seeds)
-            + _grid(("adaptive_guard",), (None,), (4,), seeds)
-            + _grid(("kl_mask",), (1.0,), (4,), seeds),
-        ),
-    ]
-    return cfg, [wave1, wave2]
+    return cfg, shards
 
 
-PLANS = {"pilot": plan_pilot, "main": plan_main}
+PLANS = {"explore": plan_explore}
+
+
+def _config(base: DemoConfig, overrides: dict[str, Any]) -> DemoConfig:
+    size = overrides.get("size", base.size)
+    fields = {k: v for k, v in overrides.items() if k not in ("size", "wave")}
+    return dataclasses.replace(base, **SIZES.get(size, {}), **fields)
+
+
+def _worker(job_path: Path, out: Path) -> int:
+    job = json.loads(job_path.read_text())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()}
+    cfg = DemoConfig(**fields)
+    runs = [RunSpec(**r) for r in job["runs"]]
+    log = lambda m: print(f"[{out.name}] {m}", flush=True)  # noqa: E731
+    if job.get("pretrain_only"):
+        pre = load_or_pretrain(cfg, job["seeds"], torch.device(cfg.device), log)
+        log(f"pretrained {len(pre.hashes)} generators in {pre.seconds:.0f} s")
+        return 0
+    run_experiment(cfg, out, runs, bases=job["bases"], keep_images=8, log=log)
+    return 0
+
+
+def _spawn(job: dict[str, Any], out: Path) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "job.json"
+    path.write_text(json.dumps(job))
+    return subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", str(path)])
 
 
 def main() -> int:
@@ -117,99 +149,87 @@ def main() -> int:
     parser.add_argument("--plan", choices=sorted(PLANS))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--worker", type=Path, help="(internal) a worker's job file")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--iterations", type=int)
     parser.add_argument(
         "--budget",
         choices=sorted(PRESET_BUDGETS),
         default="gpu",
         help="config the plan runs on (tiny: a CPU check of this script)",
     )
-    parser.add_argument("--time-limit", type=float, help="seconds per worker ensemble")
+    parser.add_argument("--time-limit", type=float, default=170.0, help="seconds per worker")
     args = parser.parse_args()
     if args.worker:
-        job = json.loads(args.worker.read_text())
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in job["config"].items()}
-        cfg = DemoConfig(**fields)
-        runs = [RunSpec(**r) for r in job["runs"]]
-        if job.get("pretrain_only"):
-            pre = load_or_pretrain(
-                cfg, sorted({r.pretrain_seed for r in runs}), torch.device(cfg.device)
-            )
-            print(f"[{args.out.name}] pretrained {pre.hashes} in {pre.seconds:.0f} s", flush=True)
-            return 0
-        run_experiment(
-            cfg,
-            args.out,
-            runs,
-            bases=job["bases"],
-            keep_images=8,
-            log=lambda m: print(f"[{args.out.name}] {m}", flush=True),
-        )
-        return 0
-    cfg, waves = PLANS[args.plan]()
-    pairs = (("lr", args.lr), ("iterations", args.iterations), ("time_limit", args.time_limit))
-    overrides = {k: v for k, v in pairs if v is not None}
-    if args.budget != "gpu":
-        overrides |= dict(PRESET_BUDGETS[args.budget], device="cpu")
-    cfg = dataclasses.replace(cfg, **overrides)
+        return _worker(args.worker, args.out)
+    cfg, shards = PLANS[args.plan]()
+    cfg = dataclasses.replace(cfg, time_limit=args.time_limit)
+    if args.budget != "gpu":  # a CPU check: the tiny network on every shard
+        cfg = dataclasses.replace(cfg, **PRESET_BUDGETS[args.budget], device="cpu")
+        shards = [({k: v for k, v in o.items() if k != "size"}, r[:2]) for o, r in shards]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    main_runs = [r for wave in waves for o, shard in wave if "size" not in o for r in shard]
-    device = torch.device(cfg.device)
-    pre = load_or_pretrain(cfg, sorted({r.pretrain_seed for r in main_runs}), device)
-    print(f"pretrained {pre.hashes} in {pre.seconds:.0f} s", flush=True)
-    world = DiscWorld(cfg.size)
-    proxies = {s: fit_proxy(world, s) for s in sorted({r.reward_seed for r in main_runs})}
-    bases = calibrate(cfg, sorted({r.method for r in main_runs}), pre, proxies, device)
+    sizes = sorted({o.get("size", cfg.size) for o, _ in shards})
+    seeds = {
+        s: sorted({r.seed for o, runs in shards if o.get("size", cfg.size) == s for r in runs})
+        for s in sizes
+    }
+    pre_jobs = []
+    for s in sizes:
+        job = {"config": _config(cfg, {"size": s}).to_json(), "pretrain_only": True}
+        pre_jobs.append(_spawn({**job, "seeds": seeds[s], "runs": []}, args.out / f"pretrain{s}"))
+    codes = [p.wait() for p in pre_jobs]
+    print(f"pretraining done ({time.perf_counter() - start:.0f} s), exit codes {codes}", flush=True)
+    bases: dict[int, dict[str, float]] = {}
+    for s in sizes:
+        scfg = _config(cfg, {"size": s})
+        device = torch.device(scfg.device)
+        pre = load_or_pretrain(scfg, seeds[s], device)
+        methods = sorted(
+            {r.method for o, runs in shards if o.get("size", cfg.size) == s for r in runs}
+        )
+        world = DiscWorld(scfg.size)
+        proxies = {seeds[s][0]: fit_proxy(world, seeds[s][0])}
+        bases[s] = calibrate(scfg, methods, pre, proxies, device)
     print(f"bases {bases} ({time.perf_counter() - start:.0f} s)", flush=True)
-    codes, parts = [], []
-    index = 0
-    for wave in waves:
+    parts: list[Path] = []
+    for wave in sorted({o.get("wave", 0) for o, _ in shards}):
         procs = []
-        for shard_overrides, shard in wave:
-            job = args.out / f"job{index}.json"
-            extra = {k: v for k, v in shard_overrides.items() if k != "pretrain_only"}
-            if args.budget != "gpu":
-                extra = {k: v for k, v in extra.items() if k not in ("size", "patch")}
-            shard_cfg = dataclasses.replace(cfg, **extra)
-            job.write_text(
-                json.dumps(
-                    {
-                        "config": shard_cfg.to_json(),
-                        "bases": None if "size" in shard_overrides else bases,
-                        "pretrain_only": shard_overrides.get("pretrain_only", False),
-                        "runs": [dataclasses.asdict(r) for r in shard],
-                    }
-                )
-            )
+        for index, (overrides, runs) in enumerate(shards):
+            if overrides.get("wave", 0) != wave:
+                continue
+            scfg = _config(cfg, overrides)
             out = args.out / f"part{index}"
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, "--out", str(out), "--worker", str(job)]
-                )
-            )
+            job = {"config": scfg.to_json(), "bases": bases[scfg.size],
+                   "runs": [dataclasses.asdict(r) for r in runs]}  # fmt: skip
+            procs.append(_spawn(job, out))
             parts.append(out)
-            index += 1
         codes += [p.wait() for p in procs]
+        print(f"wave {wave} done ({time.perf_counter() - start:.0f} s)", flush=True)
     parts_json = [
         json.loads((p / "frontier.json").read_text())
         for p in parts
         if (p / "frontier.json").exists()
     ]
-    merged = {k: v for k, v in parts_json[0].items() if k != "runs"} if parts_json else {}
-    merged["seconds"] = time.perf_counter() - start
-    merged["plan"] = args.plan
-    merged["pretrained"] = {
-        f"size{p['config']['size']}/{k}": h for p in parts_json for k, h in p["pretrained"].items()
+    merged: dict[str, Any] = {
+        "device": parts_json[0]["device"] if parts_json else "?",
+        "plan": args.plan,
+        "seconds": time.perf_counter() - start,
+        "config": cfg.to_json(),
+        "shards": [
+            {"part": p.name, "config": json.loads((p / "frontier.json").read_text())["config"]}
+            for p in parts
+            if (p / "frontier.json").exists()
+        ],
+        "pretrained": {
+            f"size{p['config']['size']}/{k}": h
+            for p in parts_json
+            for k, h in p["pretrained"].items()
+        },
+        "proxies": {k: v for p in parts_json for k, v in p["proxies"].items()},
+        "bases": {f"size{s}": b for s, b in bases.items()},
+        "runs": [r for p in parts_json for r in p["runs"]],
     }
-    merged["bases"] = {
-        f"size{p['config']['size']}/{k}": b for p in parts_json for k, b in p["bases"].items()
-    }
-    merged["runs"] = [r for p in parts_json for r in p["runs"]]
     dump_compact(merged, args.out / "frontier.json")
     print(
-        f"merged {len(merged['runs'])} runs, worker exit codes {codes}, {merged['seconds']:.0f} s",
+        f"merged {len(merged['runs'])} runs, exit codes {codes}, {merged['seconds']:.0f} s",
         flush=True,
     )
     return 0 if all(c == 0 for c in codes) else 1

@@ -17,9 +17,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regclip.demo import cli
-from regclip.demo.analysis import at_gain, bootstrap_mean, paired, speed_adjusted
+from regclip.demo.analysis import (
+    at_gain,
+    bootstrap,
+    budget_gap,
+    curve_gap,
+    interpolate,
+    same_scale_gap,
+    scaling_fit,
+    select_scales,
+    selected_gap,
+)
 from regclip.demo.arms import RunSpec, build_loss, kernel_for, parse_method
-from regclip.demo.config import PRESET_BUDGETS, DemoConfig, seed_sources
+from regclip.demo.config import PRESET_BUDGETS, DemoConfig
 from regclip.demo.engine import _per_member_grad_clip, run_ensemble
 from regclip.demo.experiment import run_experiment
 from regclip.demo.nets import EnsembleMixer
@@ -98,8 +108,9 @@ def test_proxy_seeds_give_different_raters():
     assert not torch.equal(fit_proxy(world, 0).weight, fit_proxy(world, 1).weight)
 
 
-def test_seed_sources_cover_two_generators_and_two_raters():
-    assert {seed_sources(s) for s in range(4)} == {(0, 0), (1, 0), (0, 1), (1, 1)}
+def test_each_replicate_owns_its_generator_and_rater():
+    specs = [RunSpec("flow_grpo", 1.0, 4, seed) for seed in (3, 4, 5)]
+    assert len({s.generator_seed for s in specs}) == len({s.rater_seed for s in specs}) == 3
 
 
 # --- the ensemble ------------------------------------------------------------------------
@@ -150,10 +161,10 @@ def test_pretraining_is_deterministic_and_identified_by_hash(
 
 def test_a_run_trains_the_same_beside_other_runs(tiny_pretrained):
     world = DiscWorld(TINY.size)
-    proxies = {0: fit_proxy(world, 0)}
+    proxies = {0: fit_proxy(world, 0), 1: fit_proxy(world, 1)}
     bases = {"flow_grpo": 1e-3, "grpo_guard": 1e-4}
     alone = RunSpec("flow_grpo", 1.0, 2, 0)
-    other = RunSpec("grpo_guard", 1.0, 2, 1)  # the other generator, the same rater
+    other = RunSpec("grpo_guard", 1.0, 2, 1)  # another replicate: its generator and rater
     solo = run_ensemble(
         TINY, [alone], tiny_pretrained, proxies, bases, torch.device("cpu"), lambda _: None
     )
@@ -187,58 +198,199 @@ def test_unknown_method_is_named():
 # --- the analysis ------------------------------------------------------------------------
 
 
-def _curve(gains, golds, iters=None):
-    iters = iters or list(range(0, 5 * len(gains), 5))
+def _curve(gains, golds, iters=None, hacks=None):
+    iters = iters if iters is not None else list(range(len(gains)))
+    hacks = hacks if hacks is not None else [0.1 + g for g in gains]
     return [
-        {"iteration": i, "proxy": 0.5 + g, "gold": gd, "hack": 0.1 + g}
-        for i, g, gd in zip(iters, gains, golds, strict=True)
+        {"iteration": i, "proxy": 0.5 + g, "gold": gd, "hack": h}
+        for i, g, gd, h in zip(iters, gains, golds, hacks, strict=True)
     ]
 
 
-def test_at_gain_interpolates_the_first_crossing():
-    hit = at_gain(_curve([0.0, 0.1, 0.3, 0.2], [0.4, 0.5, 0.1, 0.0]), 0.2)
+def test_at_gain_weights_the_later_record_by_the_fraction_of_the_step_crossed():
+    # gains 0.1 -> 0.4 between iterations 1 and 2: level 0.2 is a third of the way, not half
+    hit = at_gain(_curve([0.0, 0.1, 0.4], [0.4, 0.5, 0.2], hacks=[0.0, 0.3, 0.9]), 0.2)
     assert hit is not None
-    assert math.isclose(hit["iteration"], 7.5) and math.isclose(hit["gold"], 0.3)
+    assert math.isclose(hit["iteration"], 1 + 1 / 3)
+    assert math.isclose(hit["gold"], 0.5 + (0.2 - 0.5) / 3)
+    assert math.isclose(hit["hack"], 0.3 + (0.9 - 0.3) / 3)
     assert at_gain(_curve([0.0, 0.1], [0.4, 0.5]), 0.2) is None
     assert at_gain(_curve([0.0, 0.1], [0.4, 0.5]), 0.0) is None
 
 
-def test_bootstrap_interval_brackets_the_mean():
-    stat = bootstrap_mean([0.1, 0.2, 0.3, 0.25, 0.15])
-    assert stat["lo"] <= stat["mean"] <= stat["hi"] and stat["lo"] > 0.1 and stat["hi"] < 0.3
+def test_interpolate_reads_between_points_and_never_extrapolates():
+    points = [(1.0, 0.2, 0.0), (2.0, 0.5, 1.0), (4.0, 0.1, 0.0)]
+    assert math.isclose(interpolate(points, 1.25), 0.2 + 0.25 * 0.3)
+    assert math.isclose(interpolate(points, 3.0), 0.5 - 0.5 * 0.4)
+    assert math.isclose(interpolate(points, 1.5, column=2), 0.5)
+    assert math.isnan(interpolate(points, 0.99)) and math.isnan(interpolate(points, 4.01))
+    assert math.isclose(interpolate([(1.0, 0.2), (1.0, 0.4)], 1.0), 0.3)  # one speed: averaged
 
 
-def _synthetic_runs(effect: float, slope: float) -> list[dict]:
-    """Two methods, 5 seeds, 3 speeds: gold at gain 0.2 = effect [method B] + slope log(it)."""
+LEVEL = 0.25
+
+
+def _arm_runs(method, seed, settings, gold_at, hack_at=None, slow=1):
+    """Runs whose proxy gain rises linearly from iteration 0 (in exact binary steps); setting
+    k reaches gain ``LEVEL`` after ``2 * slow * 2**k`` iterations, with gold
+    ``gold_at(seed, k)`` and hack ``hack_at(seed, k)`` throughout."""
+    hack_at = hack_at or (lambda seed, k: 0.0)
     runs = []
-    for seed in range(5):
-        for k, scale in enumerate((0.25, 1.0, 4.0)):
-            for method, bonus in (("A", 0.0), ("B", effect)):
-                it = 4.0 * (k + 1) * (1.5 if method == "B" else 1.0)
-                gold = 0.3 + bonus + slope * math.log(it) + 0.001 * seed
-                gains = [0.0, 0.2, 0.4]
-                runs.append(
-                    {
-                        "method": method,
-                        "clip_scale": scale,
-                        "passes": 4,
-                        "lr": 1e-4,
-                        "seed": seed,
-                        "sde": "flow",
-                        "curve": _curve(gains, [0.3, gold, gold], [0, it, 2 * it]),
-                    }
-                )
+    for k, scale in enumerate(settings):
+        step = 0.125 / (slow * 2**k)
+        n = int(2 * LEVEL / step) + 1
+        gains = [step * i for i in range(n)]
+        golds = [gold_at(seed, k)] * n
+        hacks = [hack_at(seed, k)] * n
+        runs.append(
+            {
+                "method": method,
+                "clip_scale": scale,
+                "setting": "none" if scale is None else f"{scale:g}",
+                "passes": 4,
+                "lr": 1e-4,
+                "seed": seed,
+                "sde": "flow",
+                "size": 8,
+                "curve": _curve(gains, golds, hacks=hacks),
+            }
+        )
     return runs
 
 
-def test_speed_adjusted_fit_recovers_the_method_effect():
-    fit = speed_adjusted(_synthetic_runs(0.05, -0.02), "A", 0.2, resamples=200)
-    assert fit is not None
-    assert math.isclose(fit["B"]["mean"], 0.05, abs_tol=1e-9)
-    assert math.isclose(fit["log_iterations"]["mean"], -0.02, abs_tol=1e-9)
-    naive = paired(_synthetic_runs(0.05, -0.02), "B", "A", 0.2)
-    assert naive is not None  # the paired difference mixes in the speed difference
-    assert math.isclose(naive["gold"]["mean"], 0.05 - 0.02 * math.log(1.5), abs_tol=1e-9)
+SETTINGS = (0.25, 1.0, 4.0)
+
+
+def _two_methods(seeds, effect=lambda seed: 0.05, hack_effect=lambda seed: -0.02):
+    runs = []
+    for seed in seeds:
+        runs += _arm_runs("A", seed, SETTINGS, lambda s, k: 0.3 - 0.01 * k + 0.001 * s)
+        runs += _arm_runs(
+            "B",
+            seed,
+            SETTINGS,
+            lambda s, k: 0.3 - 0.01 * k + 0.001 * s + effect(s),
+            hack_at=lambda s, k: hack_effect(s),
+        )
+    return runs
+
+
+def test_curve_gap_recovers_a_planted_gap_with_the_right_signs():
+    runs = _two_methods(range(6))
+    gold = curve_gap(runs, "B", "A", LEVEL, [k / 4 for k in range(16)])
+    hack = curve_gap(runs, "B", "A", LEVEL, [k / 4 for k in range(16)], column=2)
+    assert gold is not None and hack is not None
+    assert math.isclose(gold["summary"]["mean"], 0.05, abs_tol=1e-12)
+    assert math.isclose(hack["summary"]["mean"], -0.02, abs_tol=1e-12)  # B hacks less
+    flipped = curve_gap(runs, "A", "B", LEVEL, [k / 4 for k in range(16)])
+    assert flipped is not None and math.isclose(flipped["summary"]["mean"], -0.05, abs_tol=1e-12)
+    assert gold["replicates"] == 6
+    assert all(math.isclose(c["mean"], 0.05, abs_tol=1e-12) for c in gold["by_speed"])
+
+
+def test_curve_gap_compares_only_where_both_curves_exist():
+    # B is 4x slower: its settings reach the level at 8, 16, 32 iterations against A's 2, 4, 8
+    runs = []
+    for seed in range(3):
+        runs += _arm_runs("A", seed, SETTINGS, lambda s, k: 0.3)
+        runs += _arm_runs("B", seed, SETTINGS, lambda s, k: 0.4, slow=4)
+    gap = curve_gap(runs, "B", "A", LEVEL, [k / 4 for k in range(29)])
+    assert gap is not None
+    speeds = [c["log2_iterations"] for c in gap["by_speed"]]
+    assert speeds == [3.0]  # the one shared speed: 8 iterations; nothing extrapolated
+
+
+def test_intervals_resample_replicates_not_runs():
+    runs = _two_methods(range(5), effect=lambda seed: 0.01 * seed)
+    grid = [k / 4 for k in range(16)]
+    once = curve_gap(runs, "B", "A", LEVEL, grid)
+    twice = curve_gap(runs + runs, "B", "A", LEVEL, grid)  # every run duplicated
+    assert once is not None and twice is not None
+    assert once["summary"] == twice["summary"]  # duplicate runs are not new replicates
+    assert once["summary"]["n"] == 5
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=st.lists(st.floats(-1, 1), min_size=2, max_size=12), seed=st.integers(0, 99))
+def test_bootstrap_interval_brackets_the_estimate(values, seed):
+    stat = bootstrap(dict(enumerate(values)), resamples=300, seed=seed)
+    assert stat["lo"] - 1e-12 <= stat["mean"] <= stat["hi"] + 1e-12
+    assert stat["n"] == len(values)
+
+
+def test_bootstrap_intervals_narrow_as_replicates_grow():
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.randn(256, generator=gen, dtype=torch.float64).tolist()
+    widths = []
+    for n in (4, 16, 64, 256):
+        stat = bootstrap(dict(enumerate(draws[:n])), resamples=2000)
+        widths.append(stat["hi"] - stat["lo"])
+    assert widths == sorted(widths, reverse=True)
+    assert widths[-1] < 0.5 * widths[1]  # about 1/sqrt(n)
+
+
+def test_selection_picks_the_best_mean_gold_and_the_selected_gap_has_the_right_signs():
+    runs = []
+    for seed in range(4):  # A's best setting is the middle one, B's the slowest
+        runs += _arm_runs("A", seed, SETTINGS, lambda s, k: (0.3, 0.4, 0.35)[k])
+        runs += _arm_runs(
+            "B", seed, SETTINGS, lambda s, k: (0.3, 0.4, 0.5)[k], hack_at=lambda s, k: -0.1
+        )
+    scales = select_scales(runs, LEVEL)
+    assert scales == {"A": "1", "B": "4"}
+    gap = selected_gap(runs, "B", "A", scales, LEVEL)
+    assert gap is not None
+    assert math.isclose(gap["gold"]["mean"], 0.1, abs_tol=1e-12)
+    assert math.isclose(gap["hack"]["mean"], -0.1, abs_tol=1e-12)  # B hacks less
+    # B at x4 (k = 2) reaches the level after 8 iterations, A at x1 (k = 1) after 4
+    assert math.isclose(gap["log2_iter_ratio"]["mean"], 1.0, abs_tol=1e-9)
+
+
+def test_budget_gap_keeps_the_checkpoint_the_proxy_prefers():
+    def run(method, seed, gains, golds, hacks, scale=1.0):
+        return {"method": method, "clip_scale": scale, "seed": seed, "passes": 4,
+                "curve": _curve(gains, golds, hacks=hacks)}  # fmt: skip
+
+    runs = []
+    for seed in range(3):
+        # vanilla's proxy peaks at iteration 2, where its gold has collapsed
+        runs.append(run("A", seed, [0, 0.2, 0.5, 0.4], [0.3, 0.35, 0.1, 0.2], [0, 0.1, 0.5, 0.4]))
+        runs.append(run("B", seed, [0, 0.2, 0.3, 0.45], [0.3, 0.4, 0.45, 0.3], [0, 0, 0.1, 0.2]))
+    within3 = budget_gap(runs, "B", "A", budget=3)
+    within2 = budget_gap(runs, "B", "A", budget=2)
+    assert within3 is not None and within2 is not None
+    assert math.isclose(within3["gold"]["mean"], 0.3 - 0.1, abs_tol=1e-12)  # B at it. 3
+    assert math.isclose(within3["hack"]["mean"], 0.2 - 0.5, abs_tol=1e-12)
+    assert math.isclose(within2["gold"]["mean"], 0.45 - 0.1, abs_tol=1e-12)  # B at it. 2
+    at_one = budget_gap(runs, "B", "A", budget=3, scale="1")
+    assert at_one is not None and math.isclose(at_one["gold"]["mean"], 0.2, abs_tol=1e-12)
+    assert budget_gap(runs, "B", "A", budget=3, scale="4") is None
+
+
+def test_same_scale_gap_pairs_by_multiple_and_signs_gold_and_hack():
+    runs = []
+    for seed in range(3):
+        runs += _arm_runs("A", seed, SETTINGS, lambda s, k: 0.3, hack_at=lambda s, k: 0.2)
+        runs += _arm_runs(
+            "B", seed, SETTINGS[:2], lambda s, k: 0.2 + 0.1 * k, hack_at=lambda s, k: 0.3
+        )
+    gap = same_scale_gap(runs, "B", "A")
+    assert gap is not None
+    assert math.isclose(gap["gold"]["mean"], (-0.1 + 0.0) / 2, abs_tol=1e-12)
+    assert math.isclose(gap["hack"]["mean"], 0.1, abs_tol=1e-12)  # B hacks more: positive
+    assert set(gap["by_scale"]) == {"0.25", "1"}
+    assert math.isclose(gap["by_scale"]["0.25"]["gold"]["mean"], -0.1, abs_tol=1e-12)
+
+
+def test_scaling_fit_recovers_a_planted_line_and_predicts_on_it():
+    gaps = {d: {(d, r): 0.01 + 0.02 * math.log2(d) + 0.001 * (r - 1.5) for r in range(4)}
+            for d in (1024, 4096, 16384)}  # fmt: skip
+    fit = scaling_fit(gaps, 65536, resamples=500)
+    assert math.isclose(fit["slope"]["mean"], 0.02, abs_tol=1e-12)
+    assert math.isclose(fit["prediction"]["mean"], 0.01 + 0.02 * 16, abs_tol=1e-12)
+    assert fit["prediction"]["lo"] <= fit["prediction"]["mean"] <= fit["prediction"]["hi"]
+    with pytest.raises(ValueError, match="two latent sizes"):
+        scaling_fit({1024: {0: 0.1}}, 65536)
 
 
 # --- end to end and the CLI --------------------------------------------------------------
@@ -246,28 +398,32 @@ def test_speed_adjusted_fit_recovers_the_method_effect():
 
 def test_tiny_experiment_writes_the_documented_schema(tmp_path):
     cfg = dataclasses.replace(
-        TINY, methods=("flow_grpo", "adaptive_guard", "kl_mask"), seeds=(0, 1)
-    )
+        TINY, methods=("flow_grpo", "adaptive_guard", "kl_mask", "flow_grpo_kl"), seeds=(0, 1),
+        passes=(3,), kl_coefs=(0.02, 0.1), phase="confirmation",
+    )  # fmt: skip
     result = run_experiment(cfg, tmp_path, log=lambda _: None)
     on_disk = json.loads((tmp_path / "frontier.json").read_text())
     assert on_disk["runs"] == json.loads(json.dumps(on_disk["runs"]))
-    # flow_grpo at one clip scale, adaptive_guard once, kl_mask at its three bounds; 2 seeds
-    assert len(on_disk["runs"]) == len(result["runs"]) == 2 * (1 + 1 + len(TINY.kl_bounds))
+    assert "device" in on_disk
+    # flow_grpo at one clip scale, adaptive_guard at one target, kl_mask at its three bounds,
+    # flow_grpo_kl at two coefficients; 2 replicates
+    per_seed = 1 + 1 + len(TINY.kl_bounds) + 2
+    assert len(on_disk["runs"]) == len(result["runs"]) == 2 * per_seed
     for run in on_disk["runs"]:
-        assert {
-            "method",
-            "clip_range",
-            "seed",
-            "pretrain_seed",
-            "reward_seed",
-            "passes",
-            "curve",
-            "pretrain_hash",
-        } <= set(run)
-        assert run["pretrain_hash"] == on_disk["pretrained"][str(run["pretrain_seed"])]
+        assert {"method", "clip_range", "seed", "generator_seed", "rater_seed", "phase", "setting",
+                "passes", "curve", "pretrain_hash", "optimizer_steps"} <= set(run)  # fmt: skip
+        assert run["phase"] == "confirmation"
+        assert run["pretrain_hash"] == on_disk["pretrained"][str(run["generator_seed"])]
         assert [c["iteration"] for c in run["curve"]] == list(range(TINY.iterations + 1))
+        assert run["optimizer_steps"] == TINY.iterations * 3  # every pass of every rollout
         assert all({"proxy", "gold", "hack"} <= set(c) for c in run["curve"])
         assert all(math.isfinite(c["gold"]) for c in run["curve"])
+    by_seed = {r["seed"]: (r["generator_seed"], r["rater_seed"]) for r in on_disk["runs"]}
+    assert len({g for g, _ in by_seed.values()}) == len({r for _, r in by_seed.values()}) == 2
+    assert {r["setting"] for r in on_disk["runs"] if r["method"] == "flow_grpo_kl"} == {
+        "kl 0.02",
+        "kl 0.1",
+    }
     assert "\n  " not in (tmp_path / "frontier.json").read_text()  # compact, one run per line
 
 

@@ -1,9 +1,13 @@
-"""The testbed's arms: a method (a regclip preset on a kernel), its clip setting, passes, seed.
+"""The testbed's arms: a method (a regclip preset on a kernel), its setting, passes, replicate.
 
 Method names: ``flow_grpo``, ``grpo_guard``, ``velocity_guard``, ``ratio_norm``,
 ``mean_revised``, ``flow_grpo_kl`` (vanilla plus a KL penalty), ``adaptive_guard`` (GRPO-Guard
 with the adaptive clip controller), ``kl_mask`` (the KL-mask trust region) on Flow-SDE; a
 ``_dance`` suffix runs the same method on Dance-SDE (vanilla is then ``dance_grpo``).
+
+A method's *setting* is the knob that moves it along its speed-gold curve: the clip multiple
+for clipped methods, the KL-bound multiple for ``kl_mask``, the target clip fraction for
+``adaptive_guard`` and the KL coefficient for ``flow_grpo_kl``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from .. import presets
 from ..kernels import DanceSDE, FlowSDE, TransitionKernel
 from ..loss import GuardedPPOLoss
 from ..surrogate import NoClip
-from .config import DemoConfig, seed_sources
+from .config import DemoConfig
 
 __all__ = ["BASE_METHODS", "RunSpec", "build_loss", "kernel_for", "method_preset", "parse_method"]
 
@@ -62,14 +66,31 @@ class RunSpec:
     None: no clipping. Ignored by ``adaptive_guard``, which sets its own ranges."""
     passes: int
     seed: int
+    """The replicate: it seeds the run's pretrained generator, its proxy rater and its GRPO
+    noise, so two replicates share nothing random."""
+    option: float | None = None
+    """``adaptive_guard``: the target clip fraction (None: the preset's default);
+    ``flow_grpo_kl``: the KL coefficient (None: the config's first). Unused otherwise."""
 
     @property
-    def pretrain_seed(self) -> int:
-        return seed_sources(self.seed)[0]
+    def generator_seed(self) -> int:
+        """Seed of the pretrained generator this run starts from (the replicate's own)."""
+        return self.seed
 
     @property
-    def reward_seed(self) -> int:
-        return seed_sources(self.seed)[1]
+    def rater_seed(self) -> int:
+        """Seed of this run's proxy rater (the replicate's own)."""
+        return self.seed
+
+    @property
+    def setting(self) -> str:
+        """The knob along the method's speed-gold curve, as text: ``"0.25"``, ``"none"``,
+        ``"target 0.15"`` (``adaptive_guard``) or ``"kl 0.02"`` (``flow_grpo_kl``)."""
+        if self.base == "adaptive_guard":
+            return f"target {self.option if self.option is not None else 0.15:g}"
+        if self.base == "flow_grpo_kl":
+            return f"kl {self.option:g}" if self.option is not None else "kl default"
+        return "none" if self.clip_scale is None else f"{self.clip_scale:g}"
 
     @property
     def sde(self) -> str:
@@ -92,10 +113,13 @@ def build_loss(
 ) -> GuardedPPOLoss:
     """The loss of run ``spec``; ``base`` is the method's calibrated clip range (KL bound)."""
     preset = method_preset(spec.method)
-    kl_coef = cfg.kl_coef if spec.base == "flow_grpo_kl" else 0.0
+    kl_coef = 0.0
+    if spec.base == "flow_grpo_kl":
+        kl_coef = spec.option if spec.option is not None else cfg.kl_coefs[0]
     sde = spec.sde
-    if spec.base == "adaptive_guard":  # the preset's own defaults: the untuned question
-        loss = presets.adaptive_guard(sde=sde, kernel=kernel, times=times[:-1])  # type: ignore[arg-type]
+    if spec.base == "adaptive_guard":  # the preset's defaults but for the target
+        target = {} if spec.option is None else {"target": spec.option}
+        loss = presets.adaptive_guard(sde=sde, kernel=kernel, times=times[:-1], **target)  # type: ignore[arg-type]
     elif spec.base == "kl_mask":
         bound = base * (spec.clip_scale if spec.clip_scale is not None else 1e6)
         loss = presets.kl_mask(bound=bound, sde=sde, kernel=kernel)  # type: ignore[arg-type]

@@ -124,27 +124,27 @@ def _check_environment(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _headline(result: dict[str, Any]) -> str:
-    from .analysis import gain_levels, hacks, speed_adjusted
+    from .analysis import curve_gap, hacks
+    from .report import SPEED_GRID, baseline_of, slice_levels, slices
 
     runs = result["runs"]
     lines = ["runs whose gold fell while the proxy rose (of runs), per method:"]
     for method in sorted({r["method"] for r in runs}):
         mine = [r for r in runs if r["method"] == method]
         lines.append(f"  {method:24s} {sum(hacks(r) for r in mine)}/{len(mine)}")
-    flow = [r for r in runs if r["sde"] == "flow"]
-    if flow and any(r["method"] == "flow_grpo" for r in flow):
-        level = gain_levels(flow)[1]
-        fit = speed_adjusted(flow, "flow_grpo", level)
-        if fit is not None:
-            lines.append(
-                f"gold minus vanilla at proxy gain {level:.3g} and equal speed "
-                "(mean [95% CI over seeds]):"
-            )
-            for method, stat in fit.items():
-                if isinstance(stat, dict) and method != "log_iterations":
-                    lines.append(
-                        f"  {method:24s} {stat['mean']:+.3f} [{stat['lo']:+.3f}, {stat['hi']:+.3f}]"
-                    )
+    for (sde, size, passes, lr), group in sorted(slices(runs).items()):
+        base = baseline_of(sde)
+        level = slice_levels(result, group)[1]
+        lines.append(
+            f"{sde}-SDE, D = {size * size}, {passes} passes, lr {lr:g}: gold minus {base} "
+            f"along the speed-gold curves at proxy gain {level:.3g} (mean [95% CI over "
+            "replicates]; positive: the method keeps more gold at the same speed):"
+        )
+        for method in sorted({r["method"] for r in group} - {base}):
+            gap = curve_gap(group, method, base, level, SPEED_GRID)
+            stat = gap["summary"] if gap else None
+            text = f"{stat['mean']:+.3f} [{stat['lo']:+.3f}, {stat['hi']:+.3f}]" if stat else "n/a"
+            lines.append(f"  {method:24s} {text}")
     return "\n".join(lines)
 
 

@@ -7,17 +7,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-__all__ = ["PRESET_BUDGETS", "DemoConfig", "seed_sources"]
+__all__ = ["CLIP_GRID", "PRESET_BUDGETS", "DemoConfig"]
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 """Bump when the networks or the pretraining change, so stale caches are not loaded."""
 
 
-def seed_sources(seed: int) -> tuple[int, int]:
-    """(pretraining seed, proxy seed) of GRPO seed ``seed``: the seeds cycle through every
-    pair of two pretrained generators and two proxy raters, (0, 0), (1, 0), (0, 1), (1, 1),
-    so every method sees the same generators and raters under the same GRPO seed."""
-    return seed % 2, (seed // 2) % 2
+CLIP_GRID: tuple[float | None, ...] = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 4.0, None)
+"""Clip settings of the large testbed: multiples of each method's calibrated range over a
+64x span, and no clipping."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +53,22 @@ class DemoConfig:
     clip_target: float = 0.2
     """A method's base clip range puts this fraction of second-pass ratios outside it on a
     probe rollout from the pretrained generator."""
-    kl_coef: float = 0.02
-    """KL coefficient of ``flow_grpo_kl`` (upstream's sigma^2 convention)."""
+    kl_coefs: tuple[float, ...] = (0.02,)
+    """KL coefficients of ``flow_grpo_kl`` (upstream's sigma^2 convention), one run each at
+    the calibrated clip range."""
     kl_bounds: tuple[float, ...] = (0.25, 1.0, 4.0)
     """KL-mask bounds as multiples of the calibrated base bound."""
+    adaptive_targets: tuple[float, ...] = (0.15,)
+    """Target clip fractions of ``adaptive_guard`` (0.15 is the preset's default), one run
+    each."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    eval_every: int = 5
+    """Replicates: seed ``s`` draws its own pretrained generator, its own proxy rater and its
+    own GRPO noise, so no two replicates share a source of randomness."""
+    phase: str = "exploration"
+    """``"exploration"`` (tuning) or ``"confirmation"`` (pre-registered), recorded per run."""
+    eval_every: int = 1
+    """Evaluate every this many iterations (1: every iteration, so each proxy level is read
+    between two measured points)."""
     eval_samples: int = 32
     """ODE samples from fixed noise per evaluation."""
     device: str = "cpu"
@@ -86,6 +94,10 @@ class DemoConfig:
         key = {name: getattr(self, name) for name in fields} | {"version": CACHE_VERSION}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
+    def __post_init__(self) -> None:
+        if self.phase not in ("exploration", "confirmation"):
+            raise ValueError(f"phase must be 'exploration' or 'confirmation', got {self.phase!r}")
+
     def to_json(self) -> dict[str, object]:
         return {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
@@ -104,7 +116,6 @@ PRESET_BUDGETS: dict[str, dict[str, object]] = {
         groups=2,
         group_size=4,
         iterations=2,
-        eval_every=1,
         eval_samples=8,
         seeds=(0,),
         clip_scales=(1.0,),
@@ -115,16 +126,15 @@ PRESET_BUDGETS: dict[str, dict[str, object]] = {
         patch=8,
         width=128,
         depth=4,
-        pretrain_steps=4000,
+        pretrain_steps=8000,
         pretrain_batch=256,
         num_steps=10,
         groups=2,
         group_size=16,
-        iterations=60,
+        iterations=40,
         lr=1e-4,
-        eval_every=5,
-        eval_samples=128,
-        seeds=(0, 1, 2, 3, 4),
+        eval_samples=64,
+        seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         methods=(
             "flow_grpo",
             "grpo_guard",
@@ -134,7 +144,10 @@ PRESET_BUDGETS: dict[str, dict[str, object]] = {
             "adaptive_guard",
             "kl_mask",
         ),
-        clip_scales=(0.25, 1.0, 4.0, None),
+        clip_scales=CLIP_GRID,
+        kl_bounds=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 4.0),
+        kl_coefs=(0.02, 0.1),
+        adaptive_targets=(0.05, 0.15, 0.3),
     ),
 }
 """Overrides of :class:`DemoConfig` per ``--budget``; ``cpu`` is the default."""

@@ -60,6 +60,8 @@ class RunRecord:
     """"start" / "end": (n, 1, S, S) ODE samples in [0, 1]."""
     final_ranges: list[float] = field(default_factory=list)
     """Per timestep, the adaptive controller's clip range at the end (adaptive arms)."""
+    optimizer_steps: int = 0
+    """Optimizer steps taken (``passes`` per completed iteration)."""
 
 
 def _per_member_grad_clip(params: Sequence[torch.nn.Parameter], max_norm: float) -> None:
@@ -96,7 +98,7 @@ class _Ensemble:
         self.cfg, self.runs, self.device = cfg, list(runs), device
         self.times = time_schedule(cfg.num_steps, cfg.shift)
         self.kernel = kernel_for(sdes.pop(), cfg, self.times).to(device)
-        states = [pre.states[r.pretrain_seed] for r in runs]
+        states = [pre.states[r.generator_seed] for r in runs]
         dims = (cfg.size, cfg.patch, cfg.width, cfg.depth)
         self.net = EnsembleMixer.from_members(states, *dims).to(device)
         self.ref = None
@@ -105,7 +107,7 @@ class _Ensemble:
         self.losses: list[GuardedPPOLoss] = [
             build_loss(r, cfg, self.kernel, self.times, bases[r.method]).to(device) for r in runs
         ]
-        self.proxies = [proxies[r.reward_seed] for r in runs]
+        self.proxies = [proxies[r.rater_seed] for r in runs]
         self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         self.gens = [torch.Generator(device).manual_seed(10_007 + r.seed) for r in runs]
         self.batch = cfg.groups * cfg.group_size
@@ -147,6 +149,11 @@ class _Ensemble:
             controller_step = getattr(loss_fn.surrogate, "step", None)
             if callable(controller_step):
                 controller_step()
+
+    def optimizer_steps(self) -> int:
+        """Adam steps taken so far, read from the optimizer's own state."""
+        state = self.opt.state.get(next(iter(self.net.parameters())), {})
+        return int(state["step"]) if "step" in state else 0
 
     @torch.no_grad()
     def evaluate(self, noise: Tensor) -> tuple[list[dict[str, float]], Tensor]:
@@ -246,7 +253,9 @@ def run_ensemble(
         if out_of_time:
             log(f"  stopped after {it} iterations: time limit {cfg.time_limit:.0f} s")
             break
+    steps = ens.optimizer_steps()
     for rec, img, loss_fn in zip(records, images, ens.losses, strict=True):
+        rec.optimizer_steps = steps
         if keep_images:
             rec.images["end"] = img[:keep_images].cpu()
         ranges = getattr(loss_fn.surrogate, "ranges", None)
@@ -263,16 +272,17 @@ def calibrate(
     device: torch.device,
 ) -> dict[str, float]:
     """Each method's base clip range: the one that puts ``cfg.clip_target`` of its
-    second-pass ratios outside it, on one probe rollout from pretraining seed 0 after one
-    unclipped Adam step (for ``kl_mask``, the matching quantile of the per-sample KL;
-    ``adaptive_guard`` starts from GRPO-Guard's)."""
+    second-pass ratios outside it, on one probe rollout from the first replicate of ``pre``
+    (its generator and rater) after one unclipped Adam step (for ``kl_mask``, the matching
+    quantile of the per-sample KL; ``adaptive_guard`` starts from GRPO-Guard's)."""
     probe = {m.replace("adaptive_guard", "grpo_guard") for m in methods}
+    replicate = min(pre.states)
     bases: dict[str, float] = {}
     for sde in ("flow", "dance"):
         names = sorted(m for m in probe if parse_method(m)[1] == sde)
         if not names:
             continue
-        runs = [RunSpec(m, None, 2, 0) for m in names]
+        runs = [RunSpec(m, None, 2, replicate) for m in names]
         ens = _Ensemble(cfg, runs, pre, proxies, dict.fromkeys(names, 1.0), device)
         roll, _, adv, old_means, ref = ens.rollout()
         ens.step(ens.losses_of(roll, old_means, adv, ref))

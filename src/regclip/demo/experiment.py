@@ -4,10 +4,14 @@ Layout (compact JSON, one run per line)::
 
     {"device": "...", "config": {...}, "pretrained": {"0": hash, ...},
      "proxies": {"0": {"background": g_b, "disc": g_d}, ...}, "bases": {method: eps},
-     "runs": [{"method", "sde", "clip_scale", "clip_range", "seed", "pretrain_seed",
-               "pretrain_hash", "reward_seed", "passes", "clip_by_step": [T floats],
+     "runs": [{"method", "sde", "clip_scale", "option", "setting", "clip_range", "seed",
+               "generator_seed", "pretrain_hash", "rater_seed", "phase", "passes", "lr",
+               "size", "optimizer_steps", "clip_by_step": [T floats],
                "curve": [{"iteration", "proxy", "gold", "hack", "contrast", "residual",
                           "rollout_proxy", "pass2/...", "last/..."}, ...]}, ...]}
+
+``seed`` is the replicate; ``generator_seed`` and ``rater_seed`` name its own pretrained
+generator and proxy rater. The curve has a record at every ``eval_every``-th iteration.
 
 ``gold`` is higher-is-better (ceiling 1), ``hack`` the fitted background brightness. Training
 metrics in a curve record are means over the iterations since the previous record.
@@ -43,18 +47,20 @@ def describe_device(device: torch.device) -> str:
 
 
 def default_runs(cfg: DemoConfig) -> list[RunSpec]:
-    """``cfg.methods`` x clip settings x ``cfg.passes`` x ``cfg.seeds``: ``cfg.clip_scales``
-    for clipped methods, ``cfg.kl_bounds`` for ``kl_mask``, one run for ``adaptive_guard``."""
+    """``cfg.methods`` x settings x ``cfg.passes`` x ``cfg.seeds``: ``cfg.clip_scales`` for
+    clipped methods, ``cfg.kl_bounds`` for ``kl_mask``, ``cfg.adaptive_targets`` for
+    ``adaptive_guard`` and ``cfg.kl_coefs`` (at the calibrated clip) for ``flow_grpo_kl``."""
     runs = []
     for method in cfg.methods:
         base, _ = parse_method(method)
-        scales: Sequence[float | None] = {
-            "adaptive_guard": (None,),
-            "kl_mask": cfg.kl_bounds,
-        }.get(base, cfg.clip_scales)
+        settings: Sequence[tuple[float | None, float | None]] = {
+            "adaptive_guard": [(None, t) for t in cfg.adaptive_targets],
+            "flow_grpo_kl": [(1.0, c) for c in cfg.kl_coefs],
+            "kl_mask": [(b, None) for b in cfg.kl_bounds],
+        }.get(base, [(s, None) for s in cfg.clip_scales])
         runs += [
-            RunSpec(method, scale, passes, seed)
-            for scale in scales
+            RunSpec(method, scale, passes, seed, option)
+            for scale, option in settings
             for passes in cfg.passes
             for seed in cfg.seeds
         ]
@@ -102,14 +108,18 @@ def _record_json(rec: RunRecord, cfg: DemoConfig, hashes: dict[int, str]) -> dic
         "method": spec.method,
         "sde": spec.sde,
         "clip_scale": spec.clip_scale,
+        "option": spec.option,
+        "setting": spec.setting,
         "clip_range": rec.clip_range,
         "seed": spec.seed,
-        "pretrain_seed": spec.pretrain_seed,
-        "pretrain_hash": hashes[spec.pretrain_seed],
-        "reward_seed": spec.reward_seed,
+        "generator_seed": spec.generator_seed,
+        "pretrain_hash": hashes[spec.generator_seed],
+        "rater_seed": spec.rater_seed,
+        "phase": cfg.phase,
         "passes": spec.passes,
         "lr": cfg.lr,
         "size": cfg.size,
+        "optimizer_steps": rec.optimizer_steps,
         "clip_by_step": clip_by_step,
         **({"final_ranges": rec.final_ranges} if rec.final_ranges else {}),
         "curve": curve,
@@ -131,9 +141,9 @@ def run_experiment(
     device = torch.device(cfg.device)
     runs = list(runs) if runs is not None else default_runs(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    pre = load_or_pretrain(cfg, sorted({r.pretrain_seed for r in runs}), device, log)
+    pre = load_or_pretrain(cfg, sorted({r.generator_seed for r in runs}), device, log)
     world = DiscWorld(cfg.size)
-    proxies = {s: fit_proxy(world, s) for s in sorted({r.reward_seed for r in runs})}
+    proxies = {s: fit_proxy(world, s) for s in sorted({r.rater_seed for r in runs})}
     if bases is None:
         bases = calibrate(cfg, sorted({r.method for r in runs}), pre, proxies, device)
     log("calibrated clip ranges: " + ", ".join(f"{m} {b:.3g}" for m, b in bases.items()))
@@ -155,8 +165,10 @@ def run_experiment(
     }
     dump_compact(result, out / "frontier.json")
     first_seed = min(r.seed for r in runs)
-    samples = {
-        f"{r.spec.method}|{r.spec.clip_scale}|{r.spec.passes}|{key}": img
+    samples = {  # 8-bit, as image files are: keeps the archive small at large D
+        f"{r.spec.method}|{r.spec.setting}|{r.spec.passes}|{key}": (img * 255)
+        .round()
+        .to(torch.uint8)
         for r in records
         if r.spec.seed == first_seed
         for key, img in r.images.items()

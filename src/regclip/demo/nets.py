@@ -30,6 +30,20 @@ def _time_features(t: Tensor, n: int = 16) -> Tensor:
     return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
 
+DATA_VAR = 0.25
+"""Per-pixel variance assumed of the data in the model's space (``x = 2 I - 1``)."""
+
+
+def skip_gain(t: Tensor) -> Tensor:
+    """Gain ``c(t)`` of the linear skip ``v = c(t) x_t + F(x_t, t)``: the least-squares linear
+    predictor of ``v = eps - x0`` from ``x_t = (1 - t) x0 + t eps`` for zero-mean data of
+    variance ``DATA_VAR``, ``c = (t - (1 - t) var) / ((1 - t)^2 var + t^2)``. With it the
+    network learns only what a per-pixel linear map cannot: at low noise the state already
+    holds the image's edges, and the skip carries them through untouched."""
+    var = DATA_VAR
+    return (t - (1 - t) * var) / ((1 - t) ** 2 * var + t**2)
+
+
 class EnsembleMixer(nn.Module):
     """``members`` independent Mixer velocity nets on ``size x size`` single-channel images.
 
@@ -99,7 +113,8 @@ class EnsembleMixer(nn.Module):
             h = h + u.transpose(-1, -2)
             u = F.layer_norm(h, (self.width,))
             h = h + self._mm(F.gelu(self._mm(u, self.ch_in[k])), self.ch_out[k])
-        return self.unpatchify(self._mm(F.layer_norm(h, (self.width,)), self.head))
+        out = self.unpatchify(self._mm(F.layer_norm(h, (self.width,)), self.head))
+        return out + skip_gain(t).view(e, n, 1, 1, 1) * x
 
     def member_state(self, index: int) -> dict[str, Tensor]:
         """The weights of one member (for copying into another ensemble)."""

@@ -26,7 +26,8 @@ from torch.nn import functional as F
 
 from .config import DemoConfig
 from .nets import EnsembleMixer
-from .world import DiscWorld, to_model
+from .rollout import ode_sample, time_schedule
+from .world import DiscWorld, fit_discs, to_image, to_model
 
 __all__ = ["Pretrained", "cache_dir", "load_or_pretrain", "weights_hash"]
 
@@ -63,6 +64,18 @@ class Pretrained:
     """Time spent pretraining (0 when every member came from the cache)."""
 
 
+@torch.no_grad()
+def _gold(net: EnsembleMixer, cfg: DemoConfig, samples: int = 64) -> float:
+    """Mean gold over the members of ``samples`` ODE samples from fixed noise (progress)."""
+    device = next(net.parameters()).device
+    noise = torch.randn(
+        (samples, 1, cfg.size, cfg.size), generator=torch.Generator().manual_seed(0)
+    ).to(device)
+    images = to_image(ode_sample(net, time_schedule(cfg.num_steps, cfg.shift), noise))
+    world = DiscWorld(cfg.size)
+    return sum(float(fit_discs(world, member).gold.mean()) for member in images) / len(images)
+
+
 def _train(
     cfg: DemoConfig, seeds: list[int], device: torch.device, log: Callable[[str], None]
 ) -> EnsembleMixer:
@@ -92,7 +105,8 @@ def _train(
         sched.step()
         if (step + 1) % max(1, cfg.pretrain_steps // 5) == 0:
             log(
-                f"pretraining step {step + 1}/{cfg.pretrain_steps}: loss {loss.item() / len(seeds):.4f}"
+                f"pretraining step {step + 1}/{cfg.pretrain_steps}: loss "
+                f"{loss.item() / len(seeds):.4f}, gold of ODE samples {_gold(net, cfg):.3f}"
             )
     return net
 
