@@ -347,3 +347,51 @@ def test_every_preset_keeps_losses_finite_and_clipped_gradients_zero_up_to_huge_
     assert bool((grad_r[out.clipped] == 0).all())
     if preset not in BATCH_COUPLED:
         assert bool((grad_mean[out.clipped] == 0).all())
+
+
+NON_FINITE = [float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("value", [*NON_FINITE, 0.0, -1.0])
+def test_adv_clip_must_be_finite_and_positive(value):
+    """NaN passed the old ``adv_clip <= 0`` check."""
+    with pytest.raises(ValueError, match="`adv_clip`"):
+        GuardedPPOLoss(adv_clip=value)
+
+
+@pytest.mark.parametrize("value", [*NON_FINITE, -0.1])
+def test_kl_coef_must_be_finite_and_non_negative(value):
+    with pytest.raises(ValueError, match="`coef`"):
+        KLPenalty(value)
+
+
+@pytest.mark.filterwarnings("ignore::regclip.LowPrecisionMeanWarning")
+@pytest.mark.filterwarnings("ignore::regclip.LowPrecisionOldMeanWarning")
+@pytest.mark.parametrize("normalizer", ["identity", "ratio_norm"])
+def test_kl_mask_on_bf16_latents_computes_in_float32(normalizer):
+    """16-bit latents are upcast before anything is computed: the loss, mask and log-ratio
+    equal those of the same (rounded) values given in float32; the gradient equals
+    float32's up to its own bf16 rounding. (bf16 *rounding* of the means is what moves the
+    result away from the unrounded float32 call; that is what the 16-bit warnings say.)"""
+    gen = torch.Generator().manual_seed(0)
+    batch, dim, s = 32, 256, 0.05
+    old = torch.randn(batch, dim, generator=gen)
+    x = old + s * torch.randn(batch, dim, generator=gen)
+    mean = old + 5e-3 * s * torch.randn(batch, dim, generator=gen)
+    common = dict(advantages=torch.randn(batch, generator=gen), std=s, dt=-0.1)
+    loss_fn = presets.kl_mask(bound=1e-6, normalizer=normalizer)
+    outs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        m = mean.bfloat16().to(dtype).requires_grad_()
+        out = loss_fn(
+            **common, mean=m, old_mean=old.bfloat16().to(dtype), next_sample=x.bfloat16().to(dtype)
+        )
+        (grad,) = torch.autograd.grad(out.loss, m)
+        outs.append((out, grad))
+    (low, low_grad), (high, high_grad) = outs
+    assert low.log_ratio.dtype == torch.float32
+    assert 0 < float(high.clipped.float().mean()) < 1
+    assert torch.equal(low.clipped, high.clipped)
+    torch.testing.assert_close(low.loss, high.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(low.log_ratio, high.log_ratio, rtol=1e-6, atol=0)
+    torch.testing.assert_close(low_grad.float(), high_grad, rtol=2**-8, atol=0)
