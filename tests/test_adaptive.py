@@ -293,3 +293,23 @@ def test_forward_backward_and_step_never_synchronise_on_cuda(preset):
     if isinstance(loss.surrogate, AdaptiveClip):
         assert loss.surrogate.ranges.is_cuda and bool((loss.surrogate.ranges > 0).all())
     assert mean.grad is not None and bool(torch.isfinite(mean.grad).all())
+
+
+@pytest.mark.parametrize("gain", [float("nan"), float("inf"), -1.0])
+def test_gain_must_be_finite_and_positive(gain):
+    with pytest.raises(ValueError, match="`gain`"):
+        AdaptiveClip(TIMES, gain=gain)
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [0.0, 0.6, float("nan"), float("inf"), [1e-4] * 3 + [0.9], [1e-4] * 3, [[1e-4] * 4]],
+)
+def test_set_ranges_refuses_what_the_constructor_refuses(ranges):
+    """Out of [min_range, max_range] (the constructor's bounds on ``init``), NaN, inf and
+    a length other than the schedule's: refused, ranges left untouched."""
+    clip = AdaptiveClip(TIMES, init=1e-4, min_range=1e-6, max_range=0.5)
+    with pytest.raises(ValueError, match="`ranges`"):
+        clip.set_ranges(ranges)
+    assert clip.ranges.tolist() == [1e-4] * 4
+    assert clip.set_ranges([1e-6, 1e-3, 0.1, 0.5]).ranges.tolist() == [1e-6, 1e-3, 0.1, 0.5]

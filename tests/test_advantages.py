@@ -78,3 +78,39 @@ def test_group_of_one_warns_and_gets_zero_advantage():
 def test_groups_of_two_or_more_do_not_warn(recwarn):
     group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0, 0, 1, 1]))
     assert not [w for w in recwarn if "single sample" in str(w.message)]
+
+
+def test_integer_rewards_give_float_advantages_equal_to_the_float_rewards():
+    """[0, 0, 1, 1] used to come back truncated to int64 zeros."""
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        rewards = torch.tensor([0, 0, 1, 1, 3, 5, 10], dtype=dtype)
+        adv = group_advantages(rewards, ids)
+        assert adv.dtype == torch.float32
+        torch.testing.assert_close(adv, group_advantages(rewards.float(), ids))
+        assert bool((adv[:2] < 0).all() and (adv[2:4] > 0).all())
+
+
+def test_bool_rewards_are_refused_naming_the_explicit_conversion():
+    with pytest.raises(ValueError, match=r"`rewards`.*rewards\.float\(\)"):
+        group_advantages(torch.tensor([True, False, True, False]), torch.tensor([0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize("std_mode", ["group", "global"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_groups_of_equal_rewards_get_exactly_zero_advantage_even_with_eps_zero(std_mode, unbiased):
+    """eps = 0 with equal rewards was 0/0 = NaN; 0.1 * 3 / 3 != 0.1 made it +/-1."""
+    rewards = torch.tensor([0.1, 0.1, 0.1, 2.0, 2.0, 0.3, 0.7], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    adv = group_advantages(rewards, ids, std=std_mode, eps=0.0, unbiased=unbiased)
+    assert bool(torch.isfinite(adv).all())
+    assert torch.equal(adv[:5], torch.zeros(5, dtype=torch.float64))
+    assert bool(adv[5] < 0 < adv[6])
+    same = group_advantages(torch.full((4,), 0.7), torch.zeros(4, dtype=torch.long), eps=0.0)
+    assert torch.equal(same, torch.zeros(4))
+
+
+@pytest.mark.parametrize("eps", [-1e-4, float("nan"), float("inf")])
+def test_bad_eps_is_refused(eps):
+    with pytest.raises(ValueError, match="`eps`"):
+        group_advantages(torch.tensor([0.0, 1.0]), torch.tensor([0, 0]), eps=eps)

@@ -204,3 +204,22 @@ def test_timestep_diagnostics_match_an_independent_count_per_step():
             assert got[name] == pytest.approx(expected[name], rel=1e-9, abs=1e-12), (step, name)
         for name in ("clip/pos_high", "clip/pos_low", "clip/neg_low", "clip/neg_high"):
             assert got[name] == pytest.approx(expected[name], rel=1e-9, abs=1e-12), (step, name)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_calibration_refuses_non_finite_log_ratios_naming_them(bad):
+    log_ratio = 1e-5 * torch.randn(100, generator=torch.Generator().manual_seed(0))
+    log_ratio[17] = bad
+    with pytest.raises(ValueError, match="`log_ratio`"):
+        calibrate_clip_range(log_ratio, 0.2)
+
+
+def test_calibration_stays_finite_with_huge_finite_log_ratios():
+    """exp(1e4) overflows even float64: the quantile is taken of the capped ratio, as the
+    surrogates use it, so a few huge outliers cannot make the range inf or NaN."""
+    log_ratio = 1e-3 * torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    log_ratio[:300] = 1e4
+    eps = calibrate_clip_range(log_ratio, 0.2)  # the 0.8 quantile: a huge one
+    assert math.isfinite(eps) and eps > 1
+    clean = calibrate_clip_range(log_ratio[300:], 0.2)
+    assert 0 < clean < 1e-2

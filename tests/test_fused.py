@@ -145,6 +145,7 @@ def test_fused_matches_eager_float32(device: str, name: str, use_noise: bool, du
     assert_same_loss(*out, *eager, grad_tol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::regclip.LowPrecisionMeanWarning")  # what this test feeds
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_matches_eager_16bit_means(device: str, dtype: torch.dtype) -> None:
@@ -189,6 +190,37 @@ def test_fused_at_model_shapes_against_float64(batch: int, shape: tuple[int, ...
         again, again_grad = run(loss_fn, inputs, noise)
         assert torch.equal(again.log_ratio, out.log_ratio)
         assert torch.equal(again_grad, grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["flow_grpo", "grpo_guard", "grpo_guard_dance"])
+@pytest.mark.parametrize("dual", [False, True])
+def test_fused_keeps_clipped_gradients_exactly_zero_at_huge_log_ratios(
+    device: str, name: str, dual: bool
+) -> None:
+    """Log-ratios up to ~1e4 (exp overflows float32 past ~88.7): as the eager path, the
+    fused kernels use the bounded ratio (regclip.surrogate.bounded_exp), so clipped rows get
+    gradient exactly 0 and loss, ratio and gradients (also through the ratio output) stay
+    finite and match eager."""
+    inputs, noise = make_inputs(12, (4, 8), device=device, seed=3)
+    size = torch.tensor([1e-3, 2.0, 30.0, 300.0, 3e3, 1e4] * 2, device=device)
+    sign = torch.tensor([1.0, -1.0] * 6, device=device).view(-1, 1, 1)
+    direction = noise * (size.view(-1, 1, 1) * sign * inputs["std"].view(-1, 1, 1))
+    inputs["mean"] = (inputs["old_mean"] + direction).requires_grad_()
+    inputs["advantages"][::4] = 0.0
+    fused_loss = build(name, True, dual=dual)
+    ref, ref_grad = run(build(name, False, dual=dual), inputs, noise, extra=True)
+    out, grad = run(fused_loss, inputs, noise, extra=True)
+    assert out.backend == "fused" and ref.backend == "eager"
+    assert float(ref.log_ratio.detach().abs().max()) > 1e3
+    for value in (out.loss, out.ratio, grad, ref.loss, ref.ratio, ref_grad):
+        assert bool(torch.isfinite(value).all())
+    assert torch.equal(out.clipped, ref.clipped) and bool(out.clipped.any())
+    _, loss_grad = run(fused_loss, inputs, noise)
+    assert bool((loss_grad[out.clipped] == 0).all())
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.ratio, ref.ratio, rtol=1e-4, atol=1e-6)
+    assert rel_err(grad, ref_grad) < 1e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -158,3 +158,32 @@ def test_kernel_rejects_mismatched_velocity_shape():
     # the jaxtyping shape check (a TypeError) fires first and names the parameters
     with pytest.raises((TypeError, ValueError), match="velocity"):
         DanceSDE().step(torch.zeros(2, 3), torch.zeros(2, 4), 0.5, -0.1)
+
+
+@pytest.mark.parametrize("std", [0.0, -0.1])
+def test_gaussian_log_prob_refuses_a_std_that_is_not_positive(std):
+    """std = 0 gave +/-inf: a Gaussian with no spread has no log-density."""
+    with pytest.raises(ValueError, match="`std`"):
+        gaussian_log_prob(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0.1, std]))
+
+
+@pytest.mark.parametrize("kernel", [FlowSDE, DanceSDE])
+@pytest.mark.parametrize("eta", [0.0, -0.5, float("nan"), float("inf")])
+def test_sde_noise_level_must_be_finite_and_positive(kernel, eta):
+    with pytest.raises(ValueError, match="`eta`"):
+        kernel(eta=eta)
+
+
+@pytest.mark.parametrize("kernel", [FlowSDE(), DanceSDE(), CPS()])
+def test_a_step_past_t_equal_0_is_refused_by_every_kernel(kernel):
+    """t + dt < 0 ends past the data; Flow-SDE and Dance-SDE used to extrapolate silently."""
+    x, v = torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="t = 0"):
+        kernel.step(x, v, torch.tensor([0.5, 0.1]), torch.tensor([-0.1, -0.2]))
+
+
+@pytest.mark.parametrize("kernel", [FlowSDE(), DanceSDE()])
+def test_the_last_step_may_end_exactly_at_t_equal_0(kernel):
+    t = torch.tensor([0.2, 0.1])
+    out = kernel.step(torch.ones(2, 3), torch.ones(2, 3), t, -t)
+    assert bool(torch.isfinite(out.next_sample).all() and torch.isfinite(out.log_prob).all())

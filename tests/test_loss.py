@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings, target
 from hypothesis import strategies as st
 
 import regclip
@@ -187,7 +187,7 @@ BASE = dict(
     ("override", "match"),
     [
         ({"old_mean": torch.zeros(2, 4)}, "`old_mean`"),
-        ({"advantages": torch.zeros(4)}, "`mean`"),
+        ({"advantages": torch.zeros(4)}, "`advantages`"),  # the latents set the batch
         ({"next_sample": torch.full((3, 4), float("nan"))}, "`next_sample`"),
         ({"std": torch.tensor([0.1, 0.0, 0.1])}, "`std`"),
         ({"dt": torch.full((3,), 0.1)}, "`dt`"),
@@ -283,3 +283,115 @@ def test_advantage_clipping_is_reported():
     out = GuardedPPOLoss(adv_clip=1.0)(**{**BASE, "advantages": torch.tensor([-3.0, 0.5, 2.0])})
     assert out.metrics["adv/clip_frac"] == pytest.approx(2 / 3)
     assert torch.equal(out.advantages, torch.tensor([-1.0, 0.5, 1.0]))
+
+
+def test_the_clipped_sample_at_log_ratio_90_gets_exactly_zero_gradient():
+    """exp(90) overflows float32: the clipped sample's gradient was NaN, its A < 0 twin's
+    loss inf. Clipped: gradient exactly 0; the unclipped twin: finite loss and gradient."""
+    for advantage, clipped in ((1.0, True), (-1.0, False)):
+        mean = torch.tensor([[90.0]], requires_grad=True)
+        out = presets.grpo_guard()(
+            advantages=torch.tensor([advantage]), mean=mean, old_mean=torch.tensor([[0.0]]),
+            next_sample=torch.tensor([[1.0]]), std=torch.tensor([1.0]),
+            dt=torch.tensor([-0.25]), t=torch.tensor([0.5]),
+        )  # fmt: skip
+        out.loss.backward()
+        assert mean.grad is not None and bool(out.clipped.item()) is clipped
+        assert bool(torch.isfinite(out.loss)) and bool(torch.isfinite(mean.grad).all())
+        assert (mean.grad.item() == 0.0) is clipped
+
+
+BATCH_COUPLED = {"grpo_guard_official"}
+"""Presets whose log-ratio of one sample depends on the others' means (a batch-mean bias),
+so a clipped sample's *mean* still gets gradient through the others' ratios."""
+FUZZ_TIMES = torch.linspace(0.9, 0.1, 9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=seeds,
+    preset=st.sampled_from(sorted(presets.PRESETS)),
+    drift=st.lists(st.floats(-3.0, 4.5), min_size=8, max_size=8),
+    noise=st.lists(st.floats(0.0, 2.0), min_size=8, max_size=8),
+)
+def test_every_preset_keeps_losses_finite_and_clipped_gradients_zero_up_to_huge_log_ratios(
+    seed, preset, drift, noise
+):
+    """float32, per-sample drifts of 1e-3 to 3e4 step sizes and draws up to 100 stds from
+    the old mean: log-ratios from tiny to beyond +/-1e4. Loss, ratio and gradients are
+    finite; where a sample is clipped (or masked) its d loss / d r is exactly 0, and so is
+    its mean's gradient (except where the batch shares one bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, dim = 8, 16
+    std = 0.05 + 0.3 * torch.rand(batch, generator=gen)
+    old_mean = torch.randn(batch, dim, generator=gen)
+    eps = torch.randn(batch, dim, generator=gen)
+    sign = torch.where(torch.rand(batch, generator=gen) < 0.5, -1.0, 1.0)
+    size = sign * 10 ** torch.tensor(drift)
+    direction = eps + 0.3 * torch.randn(batch, dim, generator=gen)
+    next_sample = old_mean + std[:, None] * eps * 10 ** torch.tensor(noise)[:, None]
+    mean = (old_mean + (std * size)[:, None] * direction).requires_grad_()
+    advantages = torch.randn(batch, generator=gen)
+    advantages[::3] = 0.0
+    kwargs = {"sde": "flow"} if preset not in ("flow_grpo", "dance_grpo") else {}
+    kwargs |= {"adaptive_guard": {"times": FUZZ_TIMES}}.get(preset, {})
+    loss_fn = presets.from_name(preset, **kwargs)
+    out = loss_fn(
+        advantages=advantages, mean=mean, old_mean=old_mean, next_sample=next_sample,
+        std=std, dt=-0.05, t=FUZZ_TIMES[torch.randint(0, 9, (batch,), generator=gen)],
+    )  # fmt: skip
+    target(min(float(out.log_ratio.detach().abs().max()), 1e4))
+    grad_r, grad_mean = torch.autograd.grad(out.loss, [out.log_ratio, mean])
+    for value in (out.loss, out.ratio, out.log_ratio, grad_r, grad_mean):
+        assert bool(torch.isfinite(value).all())
+    assert bool((grad_r[out.clipped] == 0).all())
+    if preset not in BATCH_COUPLED:
+        assert bool((grad_mean[out.clipped] == 0).all())
+
+
+NON_FINITE = [float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("value", [*NON_FINITE, 0.0, -1.0])
+def test_adv_clip_must_be_finite_and_positive(value):
+    """NaN passed the old ``adv_clip <= 0`` check."""
+    with pytest.raises(ValueError, match="`adv_clip`"):
+        GuardedPPOLoss(adv_clip=value)
+
+
+@pytest.mark.parametrize("value", [*NON_FINITE, -0.1])
+def test_kl_coef_must_be_finite_and_non_negative(value):
+    with pytest.raises(ValueError, match="`coef`"):
+        KLPenalty(value)
+
+
+@pytest.mark.filterwarnings("ignore::regclip.LowPrecisionMeanWarning")
+@pytest.mark.filterwarnings("ignore::regclip.LowPrecisionOldMeanWarning")
+@pytest.mark.parametrize("normalizer", ["identity", "ratio_norm"])
+def test_kl_mask_on_bf16_latents_computes_in_float32(normalizer):
+    """16-bit latents are upcast before anything is computed: the loss, mask and log-ratio
+    equal those of the same (rounded) values given in float32; the gradient equals
+    float32's up to its own bf16 rounding. (bf16 *rounding* of the means is what moves the
+    result away from the unrounded float32 call; that is what the 16-bit warnings say.)"""
+    gen = torch.Generator().manual_seed(0)
+    batch, dim, s = 32, 256, 0.05
+    old = torch.randn(batch, dim, generator=gen)
+    x = old + s * torch.randn(batch, dim, generator=gen)
+    mean = old + 5e-3 * s * torch.randn(batch, dim, generator=gen)
+    common = dict(advantages=torch.randn(batch, generator=gen), std=s, dt=-0.1)
+    loss_fn = presets.kl_mask(bound=1e-6, normalizer=normalizer)
+    outs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        m = mean.bfloat16().to(dtype).requires_grad_()
+        out = loss_fn(
+            **common, mean=m, old_mean=old.bfloat16().to(dtype), next_sample=x.bfloat16().to(dtype)
+        )
+        (grad,) = torch.autograd.grad(out.loss, m)
+        outs.append((out, grad))
+    (low, low_grad), (high, high_grad) = outs
+    assert low.log_ratio.dtype == torch.float32
+    assert 0 < float(high.clipped.float().mean()) < 1
+    assert torch.equal(low.clipped, high.clipped)
+    torch.testing.assert_close(low.loss, high.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(low.log_ratio, high.log_ratio, rtol=1e-6, atol=0)
+    torch.testing.assert_close(low_grad.float(), high_grad, rtol=2**-8, atol=0)

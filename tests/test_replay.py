@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regclip import FlowSDE, presets, replay
-from regclip.batch import LowPrecisionOldMeanWarning
+from regclip.batch import LowPrecisionMeanWarning, LowPrecisionOldMeanWarning
 from strategies import make_rollout, seeds
 
 SHAPE = (4, 8, 8)
@@ -38,6 +38,31 @@ def test_step_seed_rejects_negative_steps_and_step_lists_of_wrong_length() -> No
         replay.step_seed(3, -1)
     with pytest.raises(ValueError, match="steps"):
         replay.step_noise([1, 2, 3], [0, 1], SHAPE)
+
+
+@pytest.mark.parametrize(
+    ("bad_seeds", "error"),
+    [([1.2], TypeError), ([1.9], TypeError), (torch.tensor([1.0]), TypeError), ([True], TypeError),
+     ([2**64], ValueError), ([-1], ValueError), (["7"], TypeError)],
+)  # fmt: skip
+def test_seeds_that_are_not_integers_in_0_to_2_pow_64_are_refused(bad_seeds, error) -> None:
+    """1.2 and 1.9 used to truncate onto seed 1's noise, 2**64 to wrap onto seed 0's."""
+    with pytest.raises(error, match="`seeds`"):
+        replay.step_noise(bad_seeds, 0, SHAPE)
+
+
+@pytest.mark.parametrize("steps", [0.5, [0, 1.5], 2**64, torch.tensor([0.0, 1.0])])
+def test_steps_that_are_not_integers_in_range_are_refused(steps) -> None:
+    with pytest.raises((TypeError, ValueError), match="`steps`"):
+        replay.step_noise([1, 2], steps, SHAPE)
+
+
+def test_integer_seeds_of_every_kind_give_the_same_noise() -> None:
+    np = pytest.importorskip("numpy")
+    reference = replay.step_noise([5, 2**64 - 1], [0, 3], SHAPE)
+    for given_seeds in (np.array([5, 2**64 - 1], dtype=np.uint64), [np.int64(5), 2**64 - 1]):
+        assert torch.equal(replay.step_noise(given_seeds, torch.tensor([0, 3]), SHAPE), reference)
+    assert not torch.equal(reference[1], replay.step_noise([0], 3, SHAPE)[0])
 
 
 @settings(max_examples=10)
@@ -161,6 +186,36 @@ def test_bf16_old_means_bias_the_first_step_ratio_past_the_clip_range() -> None:
         bias = bias_sq / (2 * s**2) if preset == "flow_grpo" else bias_sq / s
         assert (bias > clip).float().mean() > 0.5, preset
         assert low.metrics["clip/pos_high"] > 0.25, preset
+
+
+def test_bf16_current_means_flip_clip_decisions_and_warn() -> None:
+    """The current mean in bf16: its rounding error (rms ~1.7e-3 for unit-scale latents)
+    dwarfs one update's drift (here rms 5e-4, a RatioNorm log-ratio of a few 2e-6 clip
+    ranges), so the log-ratio follows the rounding: a third of the clip decisions flip
+    against float32 here and the gradient turns away from float32's. The loss warns; float32 means (the kernels' ``evaluate``
+    upcasts) do not."""
+    batch, dim = 64, (16, 32, 32)
+    std = torch.logspace(-1.5, -1.0, batch)
+    inputs = _first_step_batch(std, dim, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    drift = 5e-4 * torch.randn(batch, *dim, generator=gen)
+    common = dict(
+        advantages=torch.randn(batch, generator=gen), old_mean=inputs["old_mean"],
+        next_sample=inputs["next_sample"], std=std, dt=-0.1,
+    )  # fmt: skip
+    loss_fn = presets.grpo_guard(clip_range=2e-6)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        mean = (inputs["old_mean"] + drift).to(dtype).requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = loss_fn(**common, mean=mean)
+        (grad,) = torch.autograd.grad(out.loss, mean)
+        assert [w.category for w in caught] == [LowPrecisionMeanWarning] * (dtype != torch.float32)
+        results.append((out.clipped, grad.double().flatten()))
+    (clipped32, grad32), (clipped16, grad16) = results
+    assert (clipped32 != clipped16).double().mean() > 0.25
+    assert torch.nn.functional.cosine_similarity(grad32, grad16, dim=0) < 0.9
 
 
 def test_fp32_old_means_do_not_warn() -> None:

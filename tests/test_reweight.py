@@ -198,3 +198,9 @@ def test_guard_loss_and_gradient_point_towards_the_reward(kernel_name):
         r.velocity -= 1e-3 * grad / grad.abs().max()
     moved = loss_fn(**loss_inputs(kernel, r)).log_ratio
     assert bool((moved * r.advantages > 0).all()), (moved, r.advantages)
+
+
+@pytest.mark.parametrize("eta", [float("nan"), float("inf"), 0.0])
+def test_dance_beta_weight_eta_must_be_finite_and_positive(eta):
+    with pytest.raises(ValueError, match="`eta`"):
+        DanceBetaWeight(eta)

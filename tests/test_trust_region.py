@@ -161,3 +161,9 @@ def test_vanilla_log_ratio_is_a_noisy_estimate_of_minus_the_kl(seed, drift, dims
     sd = torch.sqrt(2 * kl / dims)
     torch.testing.assert_close(log_ratio.mean(), -kl, rtol=0, atol=float(5 * sd / n**0.5))
     torch.testing.assert_close(log_ratio.std(), sd, rtol=0.1, atol=0)
+
+
+@pytest.mark.parametrize("bound", [float("nan"), float("inf"), 0.0, -1e-5])
+def test_kl_bound_must_be_finite_and_positive(bound):
+    with pytest.raises(ValueError, match="`bound`"):
+        KLMask(bound)

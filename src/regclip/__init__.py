@@ -11,7 +11,7 @@ Swap one loss::
 from . import fused, presets, replay
 from .adaptive import AdaptiveClip
 from .advantages import group_advantages
-from .batch import LowPrecisionOldMeanWarning, TransitionBatch
+from .batch import LowPrecisionMeanWarning, LowPrecisionOldMeanWarning, TransitionBatch
 from .diagnostics import METRIC_NAMES, TimestepDiagnostics, calibrate_clip_range
 from .kernels import (
     CPS,
@@ -70,6 +70,7 @@ __all__ = [
     "KernelStep",
     "LossConfig",
     "LossOutput",
+    "LowPrecisionMeanWarning",
     "LowPrecisionOldMeanWarning",
     "MeanRevisedRatio",
     "NoClip",

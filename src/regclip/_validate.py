@@ -3,10 +3,29 @@ so a bad input fails with an error that names the offending argument."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["as_advantages", "as_batch", "check_finite", "check_same_batch", "require"]
+__all__ = [
+    "as_advantages",
+    "as_batch",
+    "check_finite",
+    "check_positive",
+    "check_same_batch",
+    "require",
+]
+
+
+def check_positive(value: float, name: str, *, strict: bool = True) -> None:
+    """Raise unless ``value`` is a finite number ``> 0`` (``>= 0`` with ``strict=False``).
+
+    Written so that NaN fails too (``NaN <= 0`` is false, so a bare ``value <= 0`` check
+    lets it through). ``name`` is how the message names the argument, e.g. ```adv_clip```.
+    """
+    if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+        raise ValueError(f"{name} must be finite and {'>' if strict else '>='} 0, got {value}")
 
 
 def require(value: Tensor | None, name: str, needed_by: str) -> Tensor:

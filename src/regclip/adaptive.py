@@ -61,8 +61,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._validate import check_positive
 from .batch import TransitionBatch
-from .surrogate import ClippedSurrogate, SurrogateOutput
+from .surrogate import ClippedSurrogate, SurrogateOutput, bounded_exp
 
 __all__ = ["AdaptiveClip"]
 
@@ -119,8 +120,7 @@ class AdaptiveClip(ClippedSurrogate):
             raise ValueError("`times` must be a non-empty (T,) tensor of finite step times")
         if not 0 < target < 1:
             raise ValueError(f"`target` must lie in (0, 1), got {target}")
-        if not gain > 0:
-            raise ValueError(f"`gain` must be > 0, got {gain}")
+        check_positive(gain, "`gain`")
         if not 0 < min_range <= max_range < 1:
             raise ValueError(
                 f"need 0 < min_range <= max_range < 1, got min_range={min_range}, "
@@ -171,7 +171,7 @@ class AdaptiveClip(ClippedSurrogate):
         eps = self.ranges[index]
         # 1 -/+ eps in float64, then cast: the same rounding as PPOClip's Python floats
         lower, upper = (1 - eps).to(log_ratio.dtype), (1 + eps).to(log_ratio.dtype)
-        ratio = torch.exp(log_ratio)
+        ratio = bounded_exp(log_ratio)  # exp(r); finite past r = 20 (regclip.surrogate)
         unclipped = -advantages * ratio
         loss = torch.maximum(unclipped, -advantages * torch.clamp(ratio, lower, upper))
         with torch.no_grad():
@@ -221,12 +221,20 @@ class AdaptiveClip(ClippedSurrogate):
 
     @torch.no_grad()
     def set_ranges(self, ranges: Tensor | Sequence[float] | float) -> AdaptiveClip:
-        """Overwrite the ranges ((T,) or a scalar), checked against ``[min_range, max_range]``."""
+        """Overwrite the ranges ((T,) or a scalar), each in ``[min_range, max_range]`` as the
+        constructor's ``init`` must be (NaN and inf are refused)."""
         values = torch.as_tensor(ranges, dtype=torch.float64).to(self.ranges.device)
-        values = values.expand_as(self.ranges)
-        if not bool(((values >= self.min_range) & (values <= self.max_range)).all()):
+        if values.ndim > 1 or values.numel() not in (1, self.ranges.numel()):
             raise ValueError(
-                f"ranges must lie in [{self.min_range}, {self.max_range}], got {values.tolist()}"
+                f"`ranges` has shape {tuple(values.shape)}; expected a scalar or "
+                f"({self.ranges.numel()},), one range per schedule step"
+            )
+        values = values.expand_as(self.ranges)
+        inside = (values >= self.min_range) & (values <= self.max_range)
+        if not bool(inside.all()):
+            bad = values[~inside][0].item()
+            raise ValueError(
+                f"`ranges` must lie in [{self.min_range}, {self.max_range}], got {bad}"
             )
         self.ranges.copy_(values)
         return self

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validate import check_finite
+from ._validate import check_finite, check_positive
 
 __all__ = ["group_advantages"]
 
@@ -51,16 +51,25 @@ def group_advantages(
     """Per-group normalized advantages, shape (N,) like ``rewards``.
 
     Args:
-        rewards: (N,) scalar rewards of this rank's samples.
+        rewards: (N,) scalar rewards of this rank's samples: floating point (the advantages
+            keep its dtype) or integer (the advantages are float32, never truncated). A
+            bool tensor is refused: pass ``rewards.float()`` if True/False mean 1/0.
         group_ids: (N,) integer id of each sample's group (prompt); ids must mean the same
             group on every rank.
         std: normalize by the group's std or by the global std of all rewards.
-        eps: added to the std.
+        eps: added to the std (>= 0).
         unbiased: sample (ddof=1) instead of population std.
         gather: gather over ranks when ``torch.distributed`` is initialized.
 
-    A group of one sample gets advantage 0 and a ``UserWarning``.
+    A group whose rewards are all equal gets advantage exactly 0 (there is nothing to
+    prefer), whatever ``eps`` (also 0); a group of one sample also warns (``UserWarning``).
     """
+    if rewards.dtype == torch.bool:
+        raise ValueError(
+            "`rewards` is a bool tensor; pass rewards.float() if True/False mean reward 1/0"
+        )
+    if rewards.dtype.is_complex:
+        raise ValueError(f"`rewards` must be real, got {rewards.dtype}")
     if rewards.ndim != 1:
         raise ValueError(f"`rewards` must have shape (N,), got {tuple(rewards.shape)}")
     if group_ids.shape != rewards.shape:
@@ -71,8 +80,7 @@ def group_advantages(
         raise ValueError("`group_ids` must be an integer tensor")
     if std not in ("group", "global"):
         raise ValueError(f"`std` must be 'group' or 'global', got {std!r}")
-    if eps < 0:
-        raise ValueError(f"`eps` must be >= 0, got {eps}")
+    check_positive(eps, "`eps`", strict=False)
     check_finite(rewards, "rewards")
     values = rewards.double()
     ids = group_ids.long()
@@ -91,6 +99,10 @@ def group_advantages(
         )
     means = torch.zeros_like(counts).index_add_(0, inverse, values) / counts
     centered = values - means[inverse]
+    # groups of equal rewards: exactly 0 (their mean's rounding must not become +/-1 at eps=0)
+    high = torch.full_like(counts, -torch.inf).scatter_reduce_(0, inverse, values, "amax")
+    low = torch.full_like(counts, torch.inf).scatter_reduce_(0, inverse, values, "amin")
+    flat = (high == low)[inverse]
     ddof = 1 if unbiased else 0
     if std == "group":
         sq = torch.zeros_like(counts).index_add_(0, inverse, centered**2)
@@ -100,5 +112,7 @@ def group_advantages(
         scale = group_std[inverse]
     else:
         scale = values.std(unbiased=unbiased) if values.numel() > ddof else values.new_zeros(())
-    advantages = centered / (scale + eps)
-    return advantages[offset : offset + rewards.shape[0]].to(rewards.dtype)
+    denom = scale + eps
+    advantages = torch.where(flat | (denom == 0), 0.0, centered / denom)
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    return advantages[offset : offset + rewards.shape[0]].to(dtype)

@@ -22,7 +22,7 @@ from ._validate import as_advantages, as_batch, check_finite, check_same_batch, 
 from .kernels import TransitionKernel
 from .replay import old_mean_from_noise
 
-__all__ = ["LowPrecisionOldMeanWarning", "TransitionBatch"]
+__all__ = ["LowPrecisionMeanWarning", "LowPrecisionOldMeanWarning", "TransitionBatch"]
 
 
 class LowPrecisionOldMeanWarning(UserWarning):
@@ -31,6 +31,17 @@ class LowPrecisionOldMeanWarning(UserWarning):
     At the rollout point the log-ratio should be 0; a bf16 old mean with rounding error
     ``e`` (relative 2^-9) adds ``mean_D(e^2) / (2 s^2)`` to the vanilla log-ratio and
     ``mean_D(e^2) / s`` to RatioNorm's, easily above the clip range at small ``s``.
+    """
+
+
+class LowPrecisionMeanWarning(UserWarning):
+    """The current mean in 16-bit floats: the log-ratio is then mostly rounding noise.
+
+    One update moves the mean by ``Delta`` of order ``1e-3 s`` or less; a bf16 mean carries
+    a rounding error of ``2^-9 |mu|``, often larger, so ``Delta``, the log-ratio and the clip
+    decisions follow the rounding instead of the update (a large share of the decisions
+    flip against float32). Compute the mean in float32 (the kernels' ``evaluate`` does, from a
+    float32 sample and a bf16 velocity).
     """
 
 
@@ -121,7 +132,10 @@ class TransitionBatch:
 
         ``noise`` (B, ...), the rollout's standard-normal draw, replaces ``old_mean``:
         ``old_mean = next_sample - std * noise`` in at least float32 (give one, not both).
-        A 16-bit ``old_mean`` triggers a :class:`LowPrecisionOldMeanWarning`.
+        A 16-bit ``old_mean`` triggers a :class:`LowPrecisionOldMeanWarning`, a 16-bit
+        ``mean`` a :class:`LowPrecisionMeanWarning`. The batch size is that of the latents
+        (or of the log-probs when no latent is given), so a mismatched ``advantages`` is
+        named as the culprit.
 
         ``std``, ``dt`` and ``t`` may be Python floats (one value for the whole batch);
         ``advantages`` may be a list or NumPy array (converted to a float tensor on the
@@ -130,9 +144,19 @@ class TransitionBatch:
         advantages = as_advantages(advantages, mean)
         if advantages.ndim != 1:
             raise ValueError(f"`advantages` must have shape (B,), got {tuple(advantages.shape)}")
-        batch = advantages.shape[0]
-        if batch == 0:
+        if advantages.shape[0] == 0:
             raise ValueError("`advantages` is empty: the batch needs at least one sample")
+        latents = {
+            "mean": mean,
+            "old_mean": old_mean,
+            "next_sample": next_sample,
+            "ref_mean": ref_mean,
+            "noise": noise,
+        }
+        scalars = {"log_prob": log_prob, "old_log_prob": old_log_prob}
+        sized = [v for v in (*latents.values(), *scalars.values()) if v is not None and v.ndim]
+        batch = sized[0].shape[0] if sized else advantages.shape[0]
+        check_same_batch(batch, advantages, "advantages")
         if noise is not None and (old_mean is not None or next_sample is None):
             raise ValueError(
                 "`noise` replaces `old_mean` (old_mean = next_sample - std * noise): give "
@@ -146,14 +170,15 @@ class TransitionBatch:
                 LowPrecisionOldMeanWarning,
                 stacklevel=3,
             )
-        latents = {
-            "mean": mean,
-            "old_mean": old_mean,
-            "next_sample": next_sample,
-            "ref_mean": ref_mean,
-            "noise": noise,
-        }
-        scalars = {"log_prob": log_prob, "old_log_prob": old_log_prob}
+        if mean is not None and mean.dtype in _LOW_PRECISION:
+            warnings.warn(
+                f"`mean` is {mean.dtype}: its rounding error (2^-9 of |mu| in bf16, 2^-11 in "
+                "fp16) is larger than one update's change of the mean, so the log-ratio and the clip "
+                "decisions follow the rounding. Compute the mean in float32 (kernel.evaluate "
+                "upcasts a bf16 velocity).",
+                LowPrecisionMeanWarning,
+                stacklevel=3,
+            )
         reference_shape = next((v.shape for v in latents.values() if v is not None), None)
         for name, value in latents.items():
             if value is None:

@@ -32,7 +32,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._validate import check_finite
 from .output import LossOutput
+from .surrogate import MAX_LOG_RATIO
 
 __all__ = ["METRIC_NAMES", "TimestepDiagnostics", "calibrate_clip_range", "metric_tensors"]
 
@@ -121,13 +123,18 @@ def calibrate_clip_range(log_ratio: Tensor, target_fraction: float) -> float:
 
     Feed it normalized log-ratios measured on the second or later optimizer step of a
     rollout (on the first the ratio is exactly 1). The result is the
-    ``1 - target_fraction`` quantile of ``|exp(r) - 1|``.
+    ``1 - target_fraction`` quantile of ``|exp(r) - 1|``, with ``r`` capped at
+    :data:`regclip.surrogate.MAX_LOG_RATIO` as the surrogates' ratio is (no overflow; a
+    quantile that high is no usable clip range anyway). A NaN or infinite log-ratio is
+    refused (``ValueError``), not skipped: it means the measurement itself went wrong.
     """
     if not 0 < target_fraction < 1:
         raise ValueError(f"`target_fraction` must lie in (0, 1), got {target_fraction}")
     if log_ratio.numel() == 0:
         raise ValueError("`log_ratio` is empty")
-    deviation = (torch.exp(log_ratio.detach().double().flatten()) - 1).abs()
+    check_finite(log_ratio, "log_ratio")
+    capped = log_ratio.detach().double().flatten().clamp(max=MAX_LOG_RATIO)
+    deviation = torch.expm1(capped).abs()
     eps = float(torch.quantile(deviation, 1 - target_fraction))
     if eps <= 0:
         raise ValueError("all log-ratios are 0: measure them after the first optimizer step")

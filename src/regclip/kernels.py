@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._typing import Batch, Latent, typechecked
-from ._validate import as_batch, check_finite
+from ._validate import as_batch, check_finite, check_positive
 
 __all__ = [
     "CPS",
@@ -53,8 +53,14 @@ def gaussian_log_prob(next_sample: Latent, mean: Latent, std: Batch) -> Batch:
     r"""Per-sample Gaussian log-density, averaged (not summed) over the D latent dims.
 
     ``log p = mean_D[-(x - mu)^2 / (2 s^2)] - log s - log sqrt(2 pi)``: the convention of
-    Flow-GRPO and DanceGRPO. Computed in at least float32.
+    Flow-GRPO and DanceGRPO. Computed in at least float32. ``std`` must be > 0 (a zero std
+    has no density: the log-prob would be +/-inf).
     """
+    if not bool((std > 0).all()):
+        raise ValueError(
+            f"`std` must be > 0 everywhere (got min {std.min().item():.3g}); a Gaussian "
+            "with std 0 has no log-density"
+        )
     dtype = torch.promote_types(mean.dtype, torch.float32)
     x, mu, s = next_sample.to(dtype), mean.to(dtype), std.to(dtype)
     sq = _reduce_dims((x.detach() - mu) ** 2)
@@ -105,7 +111,13 @@ class TransitionKernel(nn.Module, ABC):
         t_b = as_batch(t, "t", batch, sample, sign="positive")
         if bool((t_b > 1).any()):
             raise ValueError("`t` must lie in (0, 1] (t = 1 is pure noise)")
-        return t_b, as_batch(dt, "dt", batch, sample, sign="negative")
+        dt_b = as_batch(dt, "dt", batch, sample, sign="negative")
+        if bool((t_b + dt_b < 0).any()):
+            raise ValueError(
+                "the step ends past t = 0 (data): `t + dt` must be >= 0, got min "
+                f"{(t_b + dt_b).min().item():.3g}"
+            )
+        return t_b, dt_b
 
     @typechecked
     def evaluate(
@@ -182,8 +194,7 @@ class FlowSDE(TransitionKernel):
 
     def __init__(self, eta: float = 0.7, sigma_max: float | None = None) -> None:
         super().__init__()
-        if eta <= 0:
-            raise ValueError(f"`eta` must be > 0, got {eta}")
+        check_positive(eta, "`eta`")
         if sigma_max is not None and not 0 < sigma_max < 1:
             raise ValueError(f"`sigma_max` must lie in (0, 1), got {sigma_max}")
         self.eta = eta
@@ -233,8 +244,7 @@ class DanceSDE(TransitionKernel):
 
     def __init__(self, eta: float = 0.3, score_correction: bool = True) -> None:
         super().__init__()
-        if eta <= 0:
-            raise ValueError(f"`eta` must be > 0, got {eta}")
+        check_positive(eta, "`eta`")
         self.eta = eta
         self.score_correction = score_correction
 

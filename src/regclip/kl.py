@@ -8,6 +8,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ._validate import check_positive
 from .batch import TransitionBatch
 
 __all__ = ["KLPenalty"]
@@ -27,8 +28,7 @@ class KLPenalty(nn.Module):
         self, coef: float, variance: Literal["transition", "sigma"] = "transition"
     ) -> None:
         super().__init__()
-        if coef < 0:
-            raise ValueError(f"KL `coef` must be >= 0, got {coef}")
+        check_positive(coef, "KL `coef`", strict=False)
         if variance not in ("transition", "sigma"):
             raise ValueError(f"`variance` must be 'transition' or 'sigma', got {variance!r}")
         self.coef = coef

@@ -13,11 +13,12 @@ the optional KL to a reference policy's mean (:class:`KLPenalty`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 from torch import Tensor, nn
 
-from ._validate import as_advantages
+from ._validate import as_advantages, check_positive
 from .batch import TransitionBatch
 from .diagnostics import metric_tensors
 from .kernels import TransitionKernel
@@ -71,8 +72,8 @@ class GuardedPPOLoss(nn.Module):
         fused: bool = False,
     ) -> None:
         super().__init__()
-        if adv_clip is not None and adv_clip <= 0:
-            raise ValueError(f"`adv_clip` must be > 0, got {adv_clip}")
+        if adv_clip is not None:
+            check_positive(adv_clip, "`adv_clip`")
         self.normalizer = normalizer if normalizer is not None else IdentityRatio()
         self.reweighter = reweighter if reweighter is not None else UniformWeight()
         self.surrogate = surrogate if surrogate is not None else PPOClip(1e-4)
@@ -99,14 +100,20 @@ class GuardedPPOLoss(nn.Module):
 
     @classmethod
     def from_config(
-        cls, config: LossConfig, kernel: TransitionKernel | None = None, *, validate: bool = True
+        cls,
+        config: LossConfig,
+        kernel: TransitionKernel | None = None,
+        *,
+        times: Tensor | Sequence[float] | None = None,
+        validate: bool = True,
     ) -> GuardedPPOLoss:
         """The loss a :class:`regclip.loss_config.LossConfig` describes, with fresh parts.
 
         ``kernel`` replaces the one the config's ``sde``/``eta`` would make (presets that
-        use no kernel ignore it).
+        use no kernel ignore it); ``times`` (T,) is the sampling schedule (each step's start
+        time), which ``adaptive_guard`` needs and the other presets ignore.
         """
-        return cls.from_parts(build_parts(config, kernel), validate=validate)
+        return cls.from_parts(build_parts(config, kernel, times), validate=validate)
 
     @classmethod
     def from_parts(cls, parts: LossParts, *, validate: bool = True) -> GuardedPPOLoss:

@@ -22,7 +22,8 @@ class LossOutput:
     log_ratio: Tensor
     """(B,) the normalized log-ratio (with grad)."""
     ratio: Tensor
-    """(B,) exp(log_ratio)."""
+    """(B,) exp(log_ratio), continued linearly past ``log_ratio = 20`` so it never
+    overflows (:func:`regclip.surrogate.bounded_exp`)."""
     clipped: Tensor
     """(B,) bool: the sample's gradient was zeroed by clipping."""
     weight: Tensor

@@ -37,13 +37,10 @@ from typing import Literal
 
 from torch import Tensor
 
-from .adaptive import AdaptiveClip
 from .kernels import TransitionKernel
 from .loss import GuardedPPOLoss
-from .loss_config import SDE, LossConfig, Reweight, build_parts
-from .ratio import BatchRatioNorm, IdentityRatio, RatioNorm, RatioNormalizer, VelocityRatio
-from .reweight import UniformWeight
-from .trust_region import KLMask
+from .loss_config import SDE, KLMaskNormalizer, LossConfig, Reweight, build_parts
+from .ratio import BatchRatioNorm
 
 __all__ = [
     "PRESETS",
@@ -61,9 +58,13 @@ __all__ = [
 ]
 
 
-def build(config: LossConfig, kernel: TransitionKernel | None = None) -> GuardedPPOLoss:
-    """``GuardedPPOLoss.from_config(config, kernel)``."""
-    return GuardedPPOLoss.from_config(config, kernel)
+def build(
+    config: LossConfig,
+    kernel: TransitionKernel | None = None,
+    times: Tensor | Sequence[float] | None = None,
+) -> GuardedPPOLoss:
+    """``GuardedPPOLoss.from_config(config, kernel, times=times)``."""
+    return GuardedPPOLoss.from_config(config, kernel, times=times)
 
 
 def flow_grpo(
@@ -191,26 +192,18 @@ def adaptive_guard(
     the fraction of ratios outside ``[1 - eps_k, 1 + eps_k]`` at each step. Call
     ``loss.surrogate.step()`` after every optimizer step (on every rank).
     """
-    if times is None:
-        raise ValueError("adaptive_guard needs the sampling schedule `times` (T,)")
-    config = LossConfig("grpo_guard", clip_range, adv_clip, kl_coef, sde, eta, reweight)
-    parts = build_parts(config, kernel)
-    surrogate = AdaptiveClip(times, target=target, init=clip_range, gain=gain)
-    return GuardedPPOLoss.from_parts(parts._replace(surrogate=surrogate))
-
-
-_KL_MASK_NORMALIZERS: dict[str, Callable[[], RatioNormalizer]] = {
-    "identity": IdentityRatio,
-    "ratio_norm": RatioNorm,
-    "velocity": VelocityRatio,
-}
+    config = LossConfig(
+        "adaptive_guard", clip_range, adv_clip, kl_coef, sde, eta, reweight,
+        target=target, gain=gain,
+    )  # fmt: skip
+    return build(config, kernel, times)
 
 
 def kl_mask(
     bound: float = 1e-5,
     sde: SDE = "flow",
-    normalizer: Literal["identity", "ratio_norm", "velocity"] = "identity",
-    reweight: Literal["auto", "uniform", "inverse_dt", "equalizing"] = "uniform",
+    normalizer: KLMaskNormalizer = "identity",
+    reweight: Reweight = "auto",
     asymmetric: bool = True,
     adv_clip: float | None = 5.0,
     eta: float | None = None,
@@ -222,22 +215,14 @@ def kl_mask(
 
     The defaults (vanilla ratio, uniform weights, asymmetric mask) are verl-omni's
     ``FlowDPPOLoss``; ``normalizer``/``reweight`` compose it with the guard's parts
-    (``ratio_norm`` with ``auto`` is GRPO-Guard's). Needs the means in the call.
+    (``reweight="auto"`` is uniform for the ``identity`` and ``velocity`` ratios and
+    GRPO-Guard's weight for ``ratio_norm``). Needs the means in the call.
     """
-    if normalizer not in _KL_MASK_NORMALIZERS:
-        raise ValueError(
-            f"kl_mask: `normalizer` must be one of {sorted(_KL_MASK_NORMALIZERS)}, got {normalizer!r}"
-        )
-    guard_weight = "auto" if reweight == "uniform" else reweight
-    config = LossConfig("grpo_guard", None, adv_clip, kl_coef, sde, eta, guard_weight)
-    parts = build_parts(config, kernel)  # the kernel, KL and grpo_guard's timestep weight
-    return GuardedPPOLoss.from_parts(
-        parts._replace(
-            normalizer=_KL_MASK_NORMALIZERS[normalizer](),
-            reweighter=UniformWeight() if reweight == "uniform" else parts.reweighter,
-            surrogate=KLMask(bound, asymmetric=asymmetric),
-        )
-    )
+    config = LossConfig(
+        "kl_mask", None, adv_clip, kl_coef, sde, eta, reweight,
+        kl_bound=bound, kl_normalizer=normalizer, asymmetric=asymmetric,
+    )  # fmt: skip
+    return build(config, kernel)
 
 
 PRESETS: dict[str, Callable[..., GuardedPPOLoss]] = {

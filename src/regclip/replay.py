@@ -19,7 +19,9 @@ CUDA generators give different streams). Typical use::
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -27,6 +29,31 @@ from torch import Tensor
 __all__ = ["new_seeds", "old_mean_from_noise", "step_noise", "step_seed"]
 
 _MASK64 = (1 << 64) - 1
+_LIMIT = 1 << 64
+"""Seeds and steps are integers in ``[0, 2**64)``: SplitMix64's domain, where distinct
+values never share a stream (``2**64`` would wrap onto 0)."""
+
+
+def _check_int(value: object, name: str) -> int:
+    """``value`` as an int in ``[0, 2**64)``; floats (1.2 would truncate onto 1.9's stream),
+    bools and out-of-range values are refused, naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
+    as_int = int(value)
+    if not 0 <= as_int < _LIMIT:
+        raise ValueError(f"`{name}` must lie in [0, 2**64), got {as_int}")
+    return as_int
+
+
+def _int_list(values: Tensor | Sequence[int], name: str) -> list[int]:
+    """A (B,) integer tensor or sequence as checked Python ints."""
+    if isinstance(values, Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"`{name}` must be an integer tensor, got {values.dtype}")
+        if values.ndim != 1:
+            raise ValueError(f"`{name}` must have shape (B,), got {tuple(values.shape)}")
+        values = values.tolist()
+    return [_check_int(v, name) for v in values]
 
 
 def _splitmix64(value: int) -> int:
@@ -41,11 +68,11 @@ def step_seed(seed: int, step: int) -> int:
     """The generator seed of rollout ``step`` of the sample whose seed is ``seed``.
 
     Distinct ``(seed, step)`` pairs give unrelated seeds (two rounds of SplitMix64), so
-    neighbouring samples or steps never share a noise stream.
+    neighbouring samples or steps never share a noise stream. Both are integers in
+    ``[0, 2**64)``; anything else is refused.
     """
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}")
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ step)
+    seed, step = _check_int(seed, "seed"), _check_int(step, "step")
+    return _splitmix64(_splitmix64(seed) ^ step)
 
 
 def new_seeds(batch: int, generator: torch.Generator | None = None) -> Tensor:
@@ -54,12 +81,15 @@ def new_seeds(batch: int, generator: torch.Generator | None = None) -> Tensor:
 
 
 def _as_list(values: Tensor | Sequence[int] | int, batch: int, name: str) -> list[int]:
-    if isinstance(values, int):
-        return [values] * batch
-    out = values.tolist() if isinstance(values, Tensor) else list(values)
+    """One step for every sample (an int) or (B,) steps, as checked ints."""
+    if isinstance(values, Tensor) and values.ndim == 0:
+        return _int_list(values.reshape(1), name) * batch
+    if not hasattr(values, "__len__"):
+        return [_check_int(values, name)] * batch
+    out = _int_list(cast("Tensor | Sequence[int]", values), name)
     if len(out) != batch:
         raise ValueError(f"`{name}` has {len(out)} entries, expected {batch}")
-    return [int(v) for v in out]
+    return out
 
 
 def step_noise(
@@ -72,13 +102,13 @@ def step_noise(
 ) -> Tensor:
     """(B, *shape) standard-normal noise of sample ``i`` at rollout step ``steps[i]``.
 
-    ``seeds`` (B,) are the per-sample seeds (keep them on the CPU: reading them from a GPU
-    synchronises); ``steps`` is one step for all samples or (B,) steps (training batches mix
-    timesteps); ``shape`` is the latent shape without the batch dim. Deterministic for a
+    ``seeds`` (B,) are the per-sample seeds, integers in ``[0, 2**64)`` (keep them on the
+    CPU: reading them from a GPU synchronises); ``steps`` is one step for all samples or
+    (B,) steps (training batches mix timesteps); ``shape`` is the latent shape without the batch dim. Deterministic for a
     given ``(seed, step, shape, device type, dtype)``; each sample is drawn from its own
     generator on ``device``, so the result does not depend on the batch it is drawn in.
     """
-    seed_list = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+    seed_list = _int_list(seeds, "seeds")
     step_list = _as_list(steps, len(seed_list), "steps")
     device = torch.device(device)
     out = torch.empty((len(seed_list), *shape), device=device, dtype=dtype)

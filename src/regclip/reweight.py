@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ._validate import require
+from ._validate import check_positive, require
 from .batch import TransitionBatch
 from .ratio import RatioNormalizer
 
@@ -93,8 +93,7 @@ class DanceBetaWeight(TimestepReweighter):
 
     def __init__(self, eta: float) -> None:
         super().__init__()
-        if eta <= 0:
-            raise ValueError(f"`eta` must be > 0, got {eta}")
+        check_positive(eta, "`eta`")
         self.eta = eta
 
     def forward(self, batch: TransitionBatch, normalizer: RatioNormalizer) -> Tensor:

@@ -7,16 +7,58 @@ With ``rho = exp(r)`` and advantage ``A``, the PPO family minimises
 whose gradient is zero exactly where clipping binds: ``A > 0`` and ``rho > 1 + eps_hi``, or
 ``A < 0`` and ``rho < 1 - eps_lo``. Dual clip (Ye et al., 2020) also caps the loss of a
 negative-advantage sample at ``-c A``, zeroing its gradient once ``rho > c``.
+
+**Huge log-ratios.** ``exp(r)`` overflows float32 at ``r ~ 88.7``, and an overflowed ratio
+turns the zero gradient of a clipped sample into ``0 * inf = NaN``. Every surrogate here
+therefore forms the ratio with :func:`bounded_exp`: ``exp(r)`` (bit for bit, value and
+gradient) up to ``r = MAX_LOG_RATIO = 20`` (a ratio of 4.9e8, far past any trust region),
+and the tangent line ``exp(20) (1 + r - 20)`` above. Consequences, for any finite ``r``
+(the inputs are checked finite):
+
+* clipping decisions are those of ``exp(r)`` (clip bounds and the dual cap are required to
+  lie below ``exp(MAX_LOG_RATIO)``, where both agree);
+* a clipped (or masked) sample has loss ``-A (1 +/- eps)`` and gradient exactly 0;
+* an *unclipped* sample past the bound (``A < 0`` with ``r > 20`` under PPO clip without
+  a dual cap, or any sample under :func:`NoClip`) keeps a finite loss
+  ``-A exp(20) (1 + r - 20)`` and the finite gradient ``-A exp(20)``: it is still pushed
+  back, with the gradient the ratio had at the bound, instead of an overflow to inf.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AsymmetricClip", "ClippedSurrogate", "DualClip", "NoClip", "PPOClip", "SurrogateOutput"]
+__all__ = [
+    "MAX_LOG_RATIO",
+    "AsymmetricClip",
+    "ClippedSurrogate",
+    "DualClip",
+    "NoClip",
+    "PPOClip",
+    "SurrogateOutput",
+    "bounded_exp",
+]
+
+MAX_LOG_RATIO = 20.0
+"""Above this log-ratio the ratio continues linearly (:func:`bounded_exp`)."""
+
+_MAX_BOUND = math.exp(MAX_LOG_RATIO)
+"""Clip bounds and the dual cap must lie below the ratio at the bound, where
+:func:`bounded_exp` and ``exp`` make the same decisions."""
+
+
+def bounded_exp(log_ratio: Tensor) -> Tensor:
+    r"""(B,) ``exp(r)`` for ``r <= MAX_LOG_RATIO`` and ``exp(R) (1 + r - R)`` above (R the bound).
+
+    Equal to ``torch.exp`` bit for bit, value and gradient, up to the bound; above it,
+    finite, increasing, with gradient ``exp(R)``. The ratio of every surrogate.
+    """
+    capped = log_ratio.clamp(max=MAX_LOG_RATIO)
+    return torch.exp(capped) * (1 + (log_ratio - capped))
 
 
 @dataclass(frozen=True)
@@ -24,7 +66,7 @@ class SurrogateOutput:
     loss: Tensor
     """(B,) per-sample surrogate loss."""
     ratio: Tensor
-    """(B,) exp(r)."""
+    """(B,) exp(r) (:func:`bounded_exp`: linear above ``r = MAX_LOG_RATIO``)."""
     clipped: Tensor
     """(B,) bool: clipping (or dual clipping) zeroed this sample's gradient."""
     dual_clipped: Tensor
@@ -51,12 +93,15 @@ class ClippedSurrogate(nn.Module):
     def __init__(self, low: float | None, high: float | None, dual: float | None = None) -> None:
         super().__init__()
         for name, value in (("low", low), ("high", high)):
-            if value is not None and not value > 0:
-                raise ValueError(f"clip range `{name}` must be > 0, got {value}")
+            if value is not None and not 0 < value < _MAX_BOUND - 1:
+                raise ValueError(
+                    f"clip range `{name}` must be finite and > 0 (below {_MAX_BOUND - 1:.3g}), "
+                    f"got {value}"
+                )
         if low is not None and low >= 1:
             raise ValueError(f"clip range `low` must be < 1 (ratio stays positive), got {low}")
-        if dual is not None and not dual > 1:
-            raise ValueError(f"`dual` must be > 1, got {dual}")
+        if dual is not None and not 1 < dual < _MAX_BOUND:
+            raise ValueError(f"`dual` must be finite and > 1 (below {_MAX_BOUND:.3g}), got {dual}")
         self.low = low
         self.high = high
         self.dual = dual
@@ -65,7 +110,7 @@ class ClippedSurrogate(nn.Module):
         return f"low={self.low}, high={self.high}, dual={self.dual}"
 
     def forward(self, log_ratio: Tensor, advantages: Tensor) -> SurrogateOutput:
-        ratio = torch.exp(log_ratio)
+        ratio = bounded_exp(log_ratio)
         unclipped = -advantages * ratio
         lower = None if self.low is None else 1.0 - self.low
         upper = None if self.high is None else 1.0 + self.high
@@ -105,5 +150,6 @@ def DualClip(clip_range: float, dual: float = 3.0) -> ClippedSurrogate:
 
 
 def NoClip() -> ClippedSurrogate:
-    """Plain importance-weighted policy gradient ``-A rho`` (no clipping)."""
+    """Plain importance-weighted policy gradient ``-A rho`` (no clipping); past
+    ``r = MAX_LOG_RATIO`` the ratio continues linearly (module docstring)."""
     return ClippedSurrogate(None, None)

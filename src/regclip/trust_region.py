@@ -40,8 +40,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._validate import check_positive
 from .batch import TransitionBatch
-from .surrogate import ClippedSurrogate, SurrogateOutput
+from .surrogate import ClippedSurrogate, SurrogateOutput, bounded_exp
 
 __all__ = ["KLMask", "transition_kl"]
 
@@ -77,8 +78,7 @@ class KLMask(ClippedSurrogate):
 
     def __init__(self, bound: float, *, asymmetric: bool = True) -> None:
         super().__init__(None, None)
-        if not bound > 0:
-            raise ValueError(f"KL `bound` must be > 0, got {bound}")
+        check_positive(bound, "KL `bound`")
         self.bound = bound
         self.asymmetric = asymmetric
 
@@ -100,7 +100,7 @@ class KLMask(ClippedSurrogate):
         if batch is None:
             raise ValueError("KLMask needs the batch: use it as a GuardedPPOLoss surrogate")
         kl = transition_kl(batch).to(log_ratio.dtype)
-        ratio = torch.exp(log_ratio)
+        ratio = bounded_exp(log_ratio)  # exp(r); finite past r = 20 (regclip.surrogate)
         with torch.no_grad():
             masked = self.mask(log_ratio, advantages, kl)
         loss = torch.where(masked, torch.zeros_like(ratio), -advantages * ratio)

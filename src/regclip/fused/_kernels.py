@@ -12,13 +12,16 @@ the partials of every sample in a fixed order (deterministic, no float atomics) 
 .. math::
 
     r_i = \frac{\mathrm{scale}_i}{s_i^2 D}\big(C_i - \tfrac12 [\text{not debias}]\, Q_i\big),
-    \quad \ell_i = \max(-A_i e^{r_i}, -A_i\,\mathrm{clip}(e^{r_i})),
+    \quad \ell_i = \max(-A_i \rho_i, -A_i\,\mathrm{clip}(\rho_i)),
     \quad L = \frac1B \sum_i w_i \ell_i
 
-plus ``dL/dr_i = -w_i A_i e^{r_i} [\text{not clipped}] / B`` and every metric of
-:mod:`regclip.diagnostics`. The backward kernel writes
-``dL/dmu = k_i (cc_i e + 2 cq_i d)`` with ``r_i = cc_i C_i + cq_i Q_i`` and ``k_i`` the
-upstream gradient of ``r_i`` (through the loss, the log-ratio and the ratio outputs).
+with ``rho_i`` the eager path's :func:`regclip.surrogate.bounded_exp` (``e^{r_i}`` up to
+``r = MAX_LOG_RATIO``, its tangent line above, so nothing overflows), plus
+``dL/dr_i = -w_i A_i \rho'_i [\text{not clipped}] / B`` (``rho'`` the slope
+``e^{min(r, MAX_LOG_RATIO)}``) and every metric of :mod:`regclip.diagnostics`. The backward
+kernel writes ``dL/dmu = k_i (cc_i e + 2 cq_i d)`` with ``r_i = cc_i C_i + cq_i Q_i`` and
+``k_i`` the upstream gradient of ``r_i`` (through the loss, the log-ratio and the ratio
+outputs).
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..surrogate import MAX_LOG_RATIO as _BOUND
+
 STAT_COUNT = 19
 """Number of metrics the finalize step writes (``regclip.fused.function.STAT_NAMES``)."""
+
+MAX_LOG_RATIO = tl.constexpr(_BOUND)
+"""The eager surrogates' bound (:data:`regclip.surrogate.MAX_LOG_RATIO`), as a kernel constant."""
 
 
 @triton.jit
@@ -88,7 +96,9 @@ def _finalize(
     cc = scale / (s * s) * inv_d
     cq = cc * 0.0 if DEBIAS else -0.5 * cc
     r = cc * cross + cq * sq
-    rho = tl.exp(r)
+    r_capped = tl.minimum(r, MAX_LOG_RATIO)
+    slope = tl.exp(r_capped)  # d rho / d r
+    rho = slope * (1.0 + (r - r_capped))  # regclip.surrogate.bounded_exp
     none = offs_b < 0
     pos = valid & (a > 0)
     neg = valid & (a < 0)
@@ -109,7 +119,7 @@ def _finalize(
         per_sample = tl.where(neg, tl.minimum(per_sample, -dual * a), per_sample)
         dual_clipped = neg & (rho > dual)
         clipped = clipped | dual_clipped
-    grad_r = tl.where(clipped | (offs_b >= B), 0.0, -a * rho * w * inv_b)
+    grad_r = tl.where(clipped | (offs_b >= B), 0.0, -a * slope * w * inv_b)
     policy = tl.sum(tl.where(valid, w * per_sample, 0.0), 0) * inv_b
 
     tl.store(loss_ptr, policy)
@@ -219,13 +229,16 @@ def guard_finalize_kernel(
 
 @triton.jit
 def guard_backward_kernel(
-    grad_ptr, mean_ptr, other_ptr, next_ptr, std_ptr, coef_ptr, ratio_ptr,
+    grad_ptr, mean_ptr, other_ptr, next_ptr, std_ptr, coef_ptr, slope_ptr,
     grad_loss_ptr, grad_log_ratio_ptr, grad_ratio_ptr,
     B, D, CHUNK,
     NOISE: tl.constexpr, HAS_GRAD_LOSS: tl.constexpr, HAS_GRAD_LOG_RATIO: tl.constexpr,
     HAS_GRAD_RATIO: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(C, B)``: ``grad[i] = k_i (cc_i e + 2 cq_i d)`` over the chunk, in ``grad``'s dtype."""
+    """Grid ``(C, B)``: ``grad[i] = k_i (cc_i e + 2 cq_i d)`` over the chunk, in ``grad``'s dtype.
+
+    ``slope_ptr`` holds ``d rho / d r`` per sample (read only with ``HAS_GRAD_RATIO``).
+    """
     chunk = tl.program_id(0)
     b = tl.program_id(1)
     row = b.to(tl.int64) * D
@@ -238,7 +251,7 @@ def guard_backward_kernel(
     if HAS_GRAD_LOG_RATIO:
         k += tl.load(grad_log_ratio_ptr + b).to(tl.float32)
     if HAS_GRAD_RATIO:
-        k += tl.load(grad_ratio_ptr + b).to(tl.float32) * tl.load(ratio_ptr + b)
+        k += tl.load(grad_ratio_ptr + b).to(tl.float32) * tl.load(slope_ptr + b)
     kc = k * tl.load(coef_ptr + B + b)
     kq = 2.0 * k * tl.load(coef_ptr + 2 * B + b)
     for off in range(0, CHUNK, BLOCK):

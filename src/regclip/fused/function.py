@@ -8,6 +8,7 @@ Shapes: ``mean``, ``other`` (the old mean, or the rollout noise when ``noise=Tru
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..diagnostics import METRIC_NAMES
+from ..surrogate import MAX_LOG_RATIO
 
 __all__ = ["STAT_NAMES", "SurrogateConfig", "fused_guard"]
 
@@ -140,7 +142,7 @@ def _forward(
 
 def _backward(
     mean: Tensor, other: Tensor, next_sample: Tensor, std: Tensor, coef: Tensor,
-    ratio: Tensor, grad_loss: Tensor | None, grad_log_ratio: Tensor | None,
+    slope: Tensor, grad_loss: Tensor | None, grad_log_ratio: Tensor | None,
     grad_ratio: Tensor | None, noise: bool,
 ) -> Tensor:  # fmt: skip
     from ._kernels import guard_backward_kernel
@@ -150,7 +152,7 @@ def _backward(
     chunk, chunks = _chunking(batch, dim, mean.device)
     grad = torch.empty_like(mean)
     guard_backward_kernel[(chunks, batch)](
-        grad, mean, other, next_sample, std, coef, ratio,
+        grad, mean, other, next_sample, std, coef, slope,
         coef if grad_loss is None else grad_loss,
         coef if grad_log_ratio is None else grad_log_ratio.contiguous(),
         coef if grad_ratio is None else grad_ratio.contiguous(),
@@ -175,7 +177,7 @@ class _FusedGuard(torch.autograd.Function):
         loss, log_ratio, ratio, clipped, rows, stats = _forward(
             mean, other, next_sample, std, dt, advantages, scale, weight, cfg, noise
         )
-        ctx.save_for_backward(mean, other, next_sample, std, rows, ratio)
+        ctx.save_for_backward(mean, other, next_sample, std, rows, log_ratio, ratio)
         ctx.noise = noise
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(clipped, rows, stats)
@@ -186,12 +188,16 @@ class _FusedGuard(torch.autograd.Function):
         ctx: Any, grad_loss: Tensor | None, grad_log_ratio: Tensor | None,
         grad_ratio: Tensor | None, *_: Any,
     ) -> tuple[Tensor | None, ...]:  # fmt: skip
-        mean, other, next_sample, std, rows, ratio = ctx.saved_tensors
+        mean, other, next_sample, std, rows, log_ratio, ratio = ctx.saved_tensors
         nothing = grad_loss is None and grad_log_ratio is None and grad_ratio is None
         if nothing or not ctx.needs_input_grad[0]:
             return (None,) * 10
+        # d ratio / d r of regclip.surrogate.bounded_exp: the ratio itself up to the bound
+        slope = ratio
+        if grad_ratio is not None:
+            slope = torch.where(log_ratio > MAX_LOG_RATIO, math.exp(MAX_LOG_RATIO), ratio)
         grad = _backward(
-            mean, other, next_sample, std, rows, ratio,
+            mean, other, next_sample, std, rows, slope,
             grad_loss, grad_log_ratio, grad_ratio, ctx.noise,
         )  # fmt: skip
         return (grad,) + (None,) * 9

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..adaptive import AdaptiveClip
 from ..advantages import group_advantages
 from ..diagnostics import TimestepDiagnostics
 from ..kernels import FlowSDE, TransitionKernel, make_kernel
@@ -63,9 +64,11 @@ def build_loss(
     clip_range: float | None = None,
     adv_clip: float | None = 5.0,
     kl_coef: float = 0.0,
+    times: Tensor | None = None,
 ) -> GuardedPPOLoss:
     """The preset's loss through :meth:`GuardedPPOLoss.from_config`, with the trainer's
-    kernel (presets that use none ignore it)."""
+    kernel (presets that use none ignore it) and sampling schedule ``times`` (each step's
+    start time, ``sigmas[:-1]``; read by ``adaptive_guard``)."""
     config = LossConfig(
         preset,
         clip_range=clip_range,
@@ -73,7 +76,7 @@ def build_loss(
         kl_coef=kl_coef,
         sde=sde,  # type: ignore[arg-type]
     )
-    return GuardedPPOLoss.from_config(config, kernel)
+    return GuardedPPOLoss.from_config(config, kernel, times=times)
 
 
 @torch.no_grad()
@@ -188,6 +191,7 @@ class GRPOTrainer:
             clip_range=config.clip_range,
             adv_clip=config.adv_clip,
             kl_coef=config.kl_coef,
+            times=self.sigmas[:-1],
         )
         self.ema = None
         if config.ema_decay is not None:
@@ -349,6 +353,10 @@ class GRPOTrainer:
                         self.optimizer.zero_grad()
                     if self.accelerator.sync_gradients and self.ema is not None:
                         self.ema.step(self.trainable)
+                    if self.accelerator.sync_gradients and isinstance(
+                        self.loss_fn.surrogate, AdaptiveClip
+                    ):  # adaptive_guard: update the per-step ranges once per optimizer step
+                        self.loss_fn.surrogate.step()
                     for name, value in out.metric_tensors.items():
                         value = value.detach().float()
                         sums[name] = sums[name] + value if name in sums else value
