@@ -64,6 +64,10 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     """Replicates: seed ``s`` draws its own pretrained generator, its own proxy rater and its
     own GRPO noise, so no two replicates share a source of randomness."""
+    levels: tuple[float, ...] = ()
+    """Pre-registered proxy-gain levels (empty: a quarter, half and three quarters of each
+    slice's median final gain); samples are kept where the gain first reaches the middle
+    one."""
     phase: str = "exploration"
     """``"exploration"`` (tuning) or ``"confirmation"`` (pre-registered), recorded per run."""
     eval_every: int = 1

@@ -209,10 +209,15 @@ def run_ensemble(
     passes = runs[0].passes
     start = time.perf_counter()
 
+    middle = cfg.levels[len(cfg.levels) // 2] if cfg.levels else None
+
     def evaluate(iteration: int) -> Tensor:
         rows, images = ens.evaluate(eval_noise)
-        for rec, row in zip(records, rows, strict=True):
+        for rec, row, img in zip(records, rows, images, strict=True):
             rec.curve.append({"iteration": iteration, **row})
+            gain = row["proxy"] - rec.curve[0]["proxy"]
+            if keep_images and middle is not None and "level" not in rec.images and gain >= middle:
+                rec.images["level"] = img[:keep_images].cpu()
         return images
 
     images = evaluate(0)

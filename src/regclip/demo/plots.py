@@ -2,21 +2,25 @@
 
 ``python -m regclip.demo.plots FOLDER`` writes into FOLDER:
 
-* ``frontier.png``: gold against proxy gain per method and clip setting (mean over seeds),
-  one panel per kernel and number of passes: higher is better at every proxy gain;
-* ``speed.png``: left, iterations to reach each proxy gain; right, gold at the middle gain
-  against iterations to reach it, one point per run (speed and method side by side);
-* ``hacking.png``: proxy, gold and hack (background brightness) against iterations for the
-  vanilla runs at their calibrated clip range, one line per seed;
-* ``clip_by_step.png``: clip fraction per sampling step (second pass) per method;
-* ``samples.png``: seed-0 samples per method at the start and at the end.
+* ``frontier.png``: the speed-gold frontier, one panel per slice (kernel, D, passes, lr):
+  gold at the middle proxy level against iterations to reach it, one curve per method across
+  its settings (the mean over replicates of each replicate's interpolated curve), with each
+  setting's mean marked. Up is better (more gold at the same proxy gain), left is faster.
+* ``scaling.png``: GRPO-Guard's primary gap to vanilla against D, with the fitted line and
+  its prediction at D = 65536.
+* ``hacking.png``: proxy, gold and hack against iterations for vanilla at its calibrated clip,
+  one line per replicate: the proxy rises while the gold falls and the background brightens.
+* ``clip_by_step.png``: fraction of samples clipped per sampling step on the second pass, at
+  the calibrated clip, mean over replicates and iterations.
+* ``samples.png``: the first replicate's samples from fixed noise at the start, where the
+  proxy first reaches the middle level, and at the end, for vanilla and GRPO-Guard.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +30,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from .analysis import at_gain, gain_levels
+from .analysis import interpolate, speed_gold_points
+from .report import SPEED_GRID, baseline_of, scaling_gaps, slice_levels, slices
 
 __all__ = ["write_plots"]
 
-STYLES = {0.25: ":", 1.0: "-", 4.0: "--", None: "-."}
+Run = dict[str, Any]
 
 
 def _colors(names: list[str]) -> dict[str, Any]:
@@ -38,203 +43,175 @@ def _colors(names: list[str]) -> dict[str, Any]:
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
-def _label(scale: float | None) -> str:
-    return "no clip" if scale is None else f"clip x{scale:g}"
+def _mean_curve(runs: list[Run], level: float) -> tuple[list[float], list[float]]:
+    """Iterations and mean gold along the grid speeds covered by at least half of the
+    replicates' own speed-gold curves."""
+    seeds = sorted({r["seed"] for r in runs})
+    curves = [speed_gold_points([r for r in runs if r["seed"] == s], level) for s in seeds]
+    xs, ys = [], []
+    for x in SPEED_GRID:
+        values = [v for c in curves if not math.isnan(v := interpolate(c, x))]
+        if values and 2 * len(values) >= len(curves):
+            xs.append(2**x)
+            ys.append(sum(values) / len(values))
+    return xs, ys
 
 
-def _mean_at(runs: list[dict[str, Any]], level: float, key: str, relative: bool) -> float | None:
-    """Mean of ``key`` over runs where each first reaches proxy gain ``level`` (minus the
-    run's start value if ``relative``); None unless every run reaches it."""
-    values = []
-    for r in runs:
-        hit = at_gain(r["curve"], level)
-        if hit is None:
-            return None
-        values.append(hit[key] - (r["curve"][0][key] if relative else 0.0))
-    return sum(values) / len(values)
+def _setting_means(runs: list[Run], level: float) -> list[tuple[float, float, str]]:
+    """(geometric-mean iterations, mean gold, setting) over the runs of each setting that
+    reach ``level``."""
+    out = []
+    for setting in sorted({r.get("setting", str(r["clip_scale"])) for r in runs}):
+        group = [r for r in runs if r.get("setting", str(r["clip_scale"])) == setting]
+        points = speed_gold_points(group, level)
+        if points:
+            x = 2 ** (sum(p[0] for p in points) / len(points))
+            out.append((x, sum(p[1] for p in points) / len(points), setting))
+    return out
 
 
-def _mean_curve(
-    runs: list[dict[str, Any]], grid: list[float], key: str = "gold", relative: bool = True
-) -> tuple[list[float], list[float]]:
-    """(levels, mean ``key`` at each) over the levels of ``grid`` that every run reaches."""
-    points = [(level, _mean_at(runs, level, key, relative)) for level in grid]
-    kept = [(x, y) for x, y in points if y is not None]
-    return [x for x, _ in kept], [y for _, y in kept]
-
-
-def _slice(run: dict[str, Any]) -> tuple[str, int, int]:
-    """(kernel, image side, passes): runs are compared only within a slice."""
-    return run["sde"], run.get("size", 0), run["passes"]
-
-
-def _main_slice(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs of the slice with the most runs (the clip-range frontier)."""
-    counts: dict[tuple[str, int, int], int] = defaultdict(int)
-    for r in runs:
-        counts[_slice(r)] += 1
-    top = max(counts, key=lambda k: counts[k])
-    return [r for r in runs if _slice(r) == top]
-
-
-def _plot_arm(
-    ax: Any, xs: list[float], ys: list[float], method: str, scale: Any, colors: dict[str, Any]
-) -> None:
-    """One (method, clip setting) line: colour per method, line style per clip setting."""
-    if xs:
-        ax.plot(
-            xs, ys, STYLES.get(scale, "-"), color=colors[method], label=f"{method} {_label(scale)}"
-        )
-
-
-def _frontier(runs: list[dict[str, Any]], path: Path) -> None:
-    panels = sorted({_slice(r) for r in runs})
-    methods = sorted({r["method"] for r in runs})
+def _frontier(result: dict[str, Any], path: Path) -> None:
+    groups = sorted(slices(result["runs"]).items())
+    methods = sorted({r["method"].removesuffix("_dance") for r in result["runs"]})
     colors = _colors(methods)
-    top = max(r["curve"][-1]["proxy"] - r["curve"][0]["proxy"] for r in runs)
-    grid = [top * i / 40 for i in range(1, 41)]
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.6 * rows), squeeze=False)
-    for ax in axes.flat[len(panels) :]:
+    cols = min(3, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
         ax.axis("off")
-    for ax, (sde, size, passes) in zip(axes.flat, panels, strict=False):
-        groups: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
-        for r in runs:
-            if _slice(r) == (sde, size, passes):
-                groups[(r["method"], r["clip_scale"])].append(r)
-        for (method, scale), group in sorted(
-            groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
-        ):
-            _plot_arm(ax, *_mean_curve(group, grid), method, scale, colors)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("proxy gain (rater's contrast, minus its value at the start)")
-        ax.set_ylabel("gold change from the start (contrast - residual)")
-        ax.set_title(f"{sde}-SDE, D = {size * size}, {passes} pass(es) per rollout", fontsize=9)
-        ax.legend(fontsize=5, ncol=2)
+    for ax, ((sde, size, passes, lr), group) in zip(axes.flat, groups, strict=False):
+        levels = slice_levels(result, group)
+        level = levels[len(levels) // 2]
+        for method in sorted({r["method"] for r in group}):
+            mine = [r for r in group if r["method"] == method]
+            color = colors[method.removesuffix("_dance")]
+            xs, ys = _mean_curve(mine, level)
+            width = 2.5 if method == baseline_of(sde) else 1.4
+            ax.plot(xs, ys, "-", color=color, lw=width, label=method)
+            for x, y, setting in _setting_means(mine, level):
+                ax.plot([x], [y], "o", color=color, ms=3)
+                ax.annotate(setting, (x, y), fontsize=5, color=color, xytext=(2, 2),
+                            textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("iterations to reach the proxy level (log; left is faster)")
+        ax.set_ylabel("gold at that proxy level (up is better)")
+        ax.set_title(
+            f"{sde}-SDE, D = {size * size}, {passes} pass(es), lr {lr:g}: proxy gain {level:.3g}",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(
+        "Speed-gold frontiers: each curve joins a method's settings (labels: clip multiple, "
+        "KL coefficient or target), mean over replicates",
+        fontsize=10,
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _speed(runs: list[dict[str, Any]], path: Path) -> None:
-    runs = _main_slice(runs)
-    methods = sorted({r["method"] for r in runs})
-    colors = _colors(methods)
-    levels = gain_levels(runs, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8))
-    middle = gain_levels(runs)[1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in methods:
-        mine = [r for r in runs if r["method"] == method]
-        for scale in sorted({r["clip_scale"] for r in mine}, key=str):
-            group = [r for r in mine if r["clip_scale"] == scale]
-            curve = _mean_curve(group, levels, key="iteration", relative=False)
-            _plot_arm(left, *curve, method, scale, colors)
-        pts = [
-            (h["iteration"], h["gold"] - r["curve"][0]["gold"])
-            for r in mine
-            if (h := at_gain(r["curve"], middle))
-        ]
-        if pts:
-            right.scatter(*zip(*pts, strict=True), s=12, color=colors[method], label=method)
-    left.set_xlabel("proxy gain")
-    left.set_ylabel("iterations to reach it (mean over seeds)")
-    left.legend(fontsize=6, ncol=2)
-    right.set_xscale("log")
-    right.set_xlabel(f"iterations to reach proxy gain {middle:.3g} (log)")
-    right.set_ylabel("gold change at that gain")
-    right.legend(fontsize=7)
+def _scaling(result: dict[str, Any], path: Path) -> None:
+    gaps = scaling_gaps(result)
+    if len(gaps) < 2:
+        return
+    from .analysis import bootstrap, scaling_fit
+
+    fit = scaling_fit(gaps, 65536)
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    dims = sorted(gaps)
+    for d in dims:
+        stat = bootstrap(gaps[d])
+        ax.errorbar([math.log2(d)], [stat["mean"]], yerr=[[stat["mean"] - stat["lo"]],
+                    [stat["hi"] - stat["mean"]]], fmt="o", color="C0", capsize=3)  # fmt: skip
+    xs = [math.log2(dims[0]), 16.0]
+    ax.plot(xs, [fit["intercept"]["mean"] + fit["slope"]["mean"] * x for x in xs], "--", color="C0")
+    pred = fit["prediction"]
+    ax.errorbar([16.0], [pred["mean"]], yerr=[[pred["mean"] - pred["lo"]], [pred["hi"] - pred["mean"]]],
+                fmt="s", color="C3", capsize=3, label="extrapolated to SD3.5-M (D = 65536)")  # fmt: skip
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("log2 D (latent size)")
+    ax.set_ylabel("GRPO-Guard minus vanilla: gold along the frontier")
+    ax.set_title("Does the guard's gain grow with D? (95 % CI over replicates)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _hacking(runs: list[dict[str, Any]], path: Path) -> None:
-    vanilla = [
-        r
-        for r in _main_slice(runs)
-        if r["method"] in ("flow_grpo", "flow_grpo_dance") and r["clip_scale"] == 1.0
-    ]
+def _hacking(runs: list[Run], path: Path) -> None:
+    vanilla = [r for r in runs if r["method"] == "flow_grpo" and r["clip_scale"] == 1.0
+               and r["passes"] == 4 and r.get("size") == 64]  # fmt: skip
     if not vanilla:
         return
-    keys = (
-        ("proxy", "proxy (rater)"),
-        ("gold", "gold (exact fit)"),
-        ("hack", "hack: background brightness"),
-    )
+    lr = min(r.get("lr", 0) for r in vanilla)
+    vanilla = [r for r in vanilla if r.get("lr", 0) == lr]
+    keys = (("proxy", "proxy (rater): up"), ("gold", "gold (exact fit): down is the harm"),
+            ("hack", "hack (background brightness): up"))  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (key, label) in zip(axes, keys, strict=True):
         for r in vanilla:
-            ax.plot(
-                [c["iteration"] for c in r["curve"]],
-                [c[key] for c in r["curve"]],
-                lw=1,
-                label=f"{r['method']} seed {r['seed']}, {r['passes']} passes",
-            )
+            ax.plot([c["iteration"] for c in r["curve"]], [c[key] for c in r["curve"]], lw=1,
+                    label=f"replicate {r['seed']}")  # fmt: skip
         ax.set_xlabel("GRPO iteration")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=6)
     fig.suptitle(
-        "vanilla at its calibrated clip range (one line per seed): the proxy rises, the gold falls"
+        "Vanilla Flow-GRPO at its calibrated clip, D = 4096, 4 passes: one line per replicate"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _clip_by_step(runs: list[dict[str, Any]], path: Path) -> None:
-    runs = _main_slice(runs)
-    methods = sorted({r["method"] for r in runs})
+def _clip_by_step(runs: list[Run], path: Path) -> None:
+    main = [r for r in runs if r["passes"] == 4 and r.get("size") == 64 and r["sde"] == "flow"]
+    methods = sorted({r["method"] for r in main})
     colors = _colors(methods)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in methods:
-        group = [
-            r["clip_by_step"]
-            for r in runs
-            if r["method"] == method
-            and r["clip_by_step"]
-            and (r["clip_scale"] == 1.0 or "final_ranges" in r)
-        ]
+        group = [r["clip_by_step"] for r in main if r["method"] == method and r["clip_by_step"]
+                 and (r["clip_scale"] == 1.0 or "final_ranges" in r)]  # fmt: skip
         if group:
             mean = torch.tensor(group).mean(0).tolist()
             ax.plot(range(len(mean)), mean, "o-", color=colors[method], label=method, ms=3)
     ax.set_xlabel("sampling step (0 = noisiest)")
-    ax.set_ylabel("fraction of samples clipped (pass 2)")
+    ax.set_ylabel("fraction of samples clipped, second pass")
+    ax.set_title(
+        "Clipping by step at the calibrated clip (mean over replicates and iterations):\n"
+        "an even profile means no few noise levels dominate",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-SAMPLE_ROWS = ("flow_grpo", "flow_grpo_kl", "grpo_guard", "ratio_norm", "velocity_guard",
-               "adaptive_guard", "kl_mask")  # fmt: skip
-"""Methods shown in ``samples.png`` (4 passes; calibrated clip, adaptive ranges)."""
-
-
 def _samples(samples: dict[str, torch.Tensor], path: Path) -> None:
-    def key(method: str) -> str:
-        return f"{method}|{None if method == 'adaptive_guard' else 1.0}|4"
-
-    methods = [m for m in SAMPLE_ROWS if f"{key(m)}|end" in samples]
-    if not methods:
+    rows = []
+    for method in ("flow_grpo", "grpo_guard"):
+        for stage, title in (("start", "start"), ("level", "at the middle proxy level"),
+                             ("end", "end")):  # fmt: skip
+            key = f"{method}|1|4|{stage}"
+            if key in samples and (stage != "start" or not rows):
+                label = "pretrained" if stage == "start" else f"{method}, {title}"
+                rows.append((label, samples[key]))
+    if not rows:
         return
-    first = samples[f"{key(methods[0])}|start"]
-    n = min(6, first.shape[0])
-    fig, axes = plt.subplots(
-        len(methods) + 1, n, figsize=(1.5 * n + 1.5, 1.5 * (len(methods) + 1)), squeeze=False
-    )
-    rows = [("pretrained (start)", first)] + [
-        (f"{m} (end)", samples[f"{key(m)}|end"]) for m in methods
-    ]
+    n = min(6, rows[0][1].shape[0])
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.5 * n + 2.2, 1.5 * len(rows)), squeeze=False)
     for row, (title, images) in zip(axes, rows, strict=True):
         for j, ax in enumerate(row):
-            ax.imshow(images[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            image = images[j, 0].float()
+            ax.imshow((image / 255 if images.dtype == torch.uint8 else image).numpy(),
+                      cmap="gray", vmin=0, vmax=1)  # fmt: skip
             ax.set_xticks([])
             ax.set_yticks([])
-        row[0].set_ylabel(title, fontsize=8, rotation=0, ha="right", va="center")
+        row[0].set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(
-        "first GRPO seed, fixed ODE noise, 4 passes, calibrated clip: start and end of training",
-        fontsize=9,
+        "First replicate, same noise, calibrated clip, 4 passes. Look for crisp discs on a dark "
+        "background;\nthe hack shows as a brightening background, lost crispness as grey blur",
+        fontsize=8,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -243,15 +220,13 @@ def _samples(samples: dict[str, torch.Tensor], path: Path) -> None:
 
 def write_plots(folder: Path) -> list[Path]:
     """Every figure above from ``folder/frontier.json`` (and ``samples.pt`` if present)."""
-    runs = json.loads((folder / "frontier.json").read_text())["runs"]
+    result = json.loads((folder / "frontier.json").read_text())
     written = []
-    for name, draw in (
-        ("frontier.png", _frontier),
-        ("speed.png", _speed),
-        ("hacking.png", _hacking),
-        ("clip_by_step.png", _clip_by_step),
-    ):
-        draw(runs, folder / name)
+    for name, draw in (("frontier.png", lambda p: _frontier(result, p)),
+                       ("scaling.png", lambda p: _scaling(result, p)),
+                       ("hacking.png", lambda p: _hacking(result["runs"], p)),
+                       ("clip_by_step.png", lambda p: _clip_by_step(result["runs"], p))):  # fmt: skip
+        draw(folder / name)
         if (folder / name).exists():
             written.append(folder / name)
     if (folder / "samples.pt").exists():

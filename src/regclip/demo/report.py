@@ -21,6 +21,7 @@ from typing import Any
 
 from .analysis import (
     at_gain,
+    bootstrap,
     budget_gap,
     curve_gap,
     gain_levels,
@@ -33,7 +34,7 @@ from .analysis import (
     selected_gap,
 )
 
-__all__ = ["SPEED_GRID", "markdown_report", "slice_levels", "slices"]
+__all__ = ["SPEED_GRID", "baseline_of", "markdown_report", "scaling_gaps", "slice_levels", "slices"]
 
 Run = dict[str, Any]
 
@@ -248,23 +249,36 @@ def _span(cells: list[dict[str, float]], total: int) -> str:
     return f"{min(its):.1f} to {max(its):.1f} iterations ({len(cells)} of {total} speeds)"
 
 
-def _scaling(result: dict[str, Any], runs: Sequence[Run]) -> list[str]:
-    """The primary gap (GRPO-Guard minus vanilla, middle level) against latent size."""
+def scaling_gaps(result: dict[str, Any]) -> dict[int, dict[Any, float]]:
+    """D -> per-replicate primary gap (GRPO-Guard minus vanilla along the speed-gold curves
+    at the middle level), over the Flow-SDE, 4-pass slices at the lowest lr of each D."""
     gaps: dict[int, dict[Any, float]] = {}
-    shifts: dict[int, float] = {}
-    for (sde, size, passes, _lr), group in slices(runs).items():
-        if sde != "flow" or passes != 4 or "grpo_guard" not in {r["method"] for r in group}:
+    lowest: dict[int, float] = {}
+    for (sde, size, passes, lr), group in slices(result["runs"]).items():
+        methods = {r["method"] for r in group}
+        if sde != "flow" or passes != 4 or not {"grpo_guard", "flow_grpo"} <= methods:
+            continue
+        if size * size in lowest and lowest[size * size] <= lr:
             continue
         levels = slice_levels(result, group)
-        gaps[size * size] = mean_gap(
-            replicate_gaps(group, "grpo_guard", "flow_grpo", levels[len(levels) // 2], SPEED_GRID)
-        )
-        values = [c["last/log_ratio/shift_z"] for r in group if r["method"] == "flow_grpo"
-                  for c in r["curve"] if "last/log_ratio/shift_z" in c]  # fmt: skip
-        shifts[size * size] = sum(values) / len(values) if values else math.nan
+        per = replicate_gaps(group, "grpo_guard", "flow_grpo", levels[len(levels) // 2], SPEED_GRID)
+        if len(per) >= 2:
+            gaps[size * size], lowest[size * size] = mean_gap(per), lr
+    return gaps
+
+
+def _scaling(result: dict[str, Any]) -> list[str]:
+    """The primary gap against latent size, and the line through it."""
+    gaps = scaling_gaps(result)
     if len(gaps) < 2:
         return []
     fit = scaling_fit(gaps, 65536)
+    shifts: dict[int, float] = {}
+    for d in gaps:
+        values = [c["last/log_ratio/shift_z"] for r in result["runs"]
+                  if r["method"] == "flow_grpo" and r.get("size", 0) ** 2 == d and r["passes"] == 4
+                  for c in r["curve"] if "last/log_ratio/shift_z" in c]  # fmt: skip
+        shifts[d] = sum(values) / len(values) if values else math.nan
     lines = [
         "",
         "## Scaling with latent size (Flow-SDE, 4 passes)",
@@ -273,7 +287,7 @@ def _scaling(result: dict[str, Any], runs: Sequence[Run]) -> list[str]:
         "|---|---|---|---|",
     ]
     for d in sorted(gaps):
-        lines.append(f"| {d} | {fit['means'][d]:+.3f} | {len(gaps[d])} | {shifts[d]:+.3f} |")
+        lines.append(f"| {d} | {_ci(bootstrap(gaps[d]))} | {len(gaps[d])} | {shifts[d]:+.3f} |")
     lines += [
         "",
         f"Line through the per-D means: gap = a + b log2 D, b = {_ci(fit['slope'])} per doubling; "
@@ -328,7 +342,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines += _hacking(runs)
     for key, group in sorted(slices(runs).items()):
         lines += _slice_section(result, key, group)
-    lines += _scaling(result, runs)
+    lines += _scaling(result)
     return "\n".join(lines) + "\n"
 
 
