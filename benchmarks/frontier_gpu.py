@@ -91,25 +91,22 @@ EXPLORE = dataclasses.replace(
 
 
 def plan_explore() -> tuple[DemoConfig, list[Shard]]:
-    """Exploration: generator quality at three latent sizes; every arm at D = 4096 on three
-    replicates at lr 1e-4, vanilla and GRPO-Guard at lr 3e-4; 1 and 16 passes, Dance-SDE and
-    the other latent sizes on two replicates."""
-    seeds, two = EXPLORE_SEEDS, EXPLORE_SEEDS[:2]
+    """Exploration, one wave: generator quality at three latent sizes; vanilla and GRPO-Guard
+    over the clip grid at D = 4096 on three replicates; on one replicate, every other arm,
+    lr 3e-4, 1 and 16 passes, Dance-SDE and the other latent sizes."""
+    seeds = EXPLORE_SEEDS
     cfg = EXPLORE
+    one = seeds[:1]
     shards: list[Shard] = [
         ({"size": 64}, _grid(PAIR, CLIP_GRID, seeds)),
-        ({"size": 64}, _grid(CLIPPED[2:], CLIP_GRID, two)),
-        ({"size": 64}, _other_arms(cfg, two)),
-        ({"size": 64, "lr": 3e-4}, _grid(PAIR, CLIP_GRID, two)),
-        ({"size": 64, "wave": 1}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), two, passes=16)),
-        ({"size": 64, "wave": 1}, _grid(PAIR, (1.0,), two, passes=1)),
-        ({"size": 64, "wave": 1, "lr": 4e-4}, _grid(PAIR, (1.0,), two, passes=1)),
-        (
-            {"size": 64, "wave": 1},
-            _grid(("flow_grpo_dance", "grpo_guard_dance"), CLIP_GRID, seeds[:1]),
-        ),
-        ({"size": 32, "wave": 1}, _grid(PAIR, CLIP_GRID, seeds[:1])),
-        ({"size": 128, "wave": 1}, _grid(PAIR, CLIP_GRID, seeds[:1])),
+        ({"size": 64, "lr": 3e-4}, _grid(PAIR, CLIP_GRID, one)),
+        ({"size": 64}, _grid(CLIPPED[2:], CLIP_GRID, one) + _other_arms(cfg, one)),
+        ({"size": 64}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), one, passes=16)),
+        ({"size": 64}, _grid(PAIR, (1.0,), one, passes=1)),
+        ({"size": 64, "lr": 4e-4}, _grid(PAIR, (1.0,), one, passes=1)),
+        ({"size": 64}, _grid(("flow_grpo_dance", "grpo_guard_dance"), CLIP_GRID, one)),
+        ({"size": 32}, _grid(PAIR, CLIP_GRID, one)),
+        ({"size": 128}, _grid(PAIR, CLIP_GRID, one)),
     ]
     return cfg, shards
 
