@@ -306,6 +306,12 @@ class GRPOTrainer:
 
         Returns the rollouts and this rank's rewards (N_rank,).
         """
+        rollouts = self.sample()
+        return rollouts, self.reward(rollouts)
+
+    def sample(self) -> list[Rollout]:
+        """This rank's rollouts of the current iteration (no rewards yet), in batches of
+        ``batch_size``."""
         ids = self.sample_prompt_ids()
         model = self.unwrapped
         channels = int(model_config(model).in_channels)
@@ -330,12 +336,18 @@ class GRPOTrainer:
                         channels=channels,
                     )
                 )
+        return rollouts
+
+    def reward(self, rollouts: list[Rollout]) -> Tensor:
+        """Score ``rollouts`` (:meth:`score`), set their group advantages, and return this
+        rank's rewards (N_rank,)."""
         rewards = torch.cat([self.score(r) for r in rollouts])
+        ids = torch.cat([r.prompt_ids for r in rollouts])
         std: Any = self.config.advantage_std
         advantages = group_advantages(rewards, ids.to(rewards.device), std=std)
         for r, adv in zip(rollouts, advantages.split(self.config.batch_size), strict=True):
             r.advantages = adv.to(self.device)
-        return rollouts, rewards
+        return rewards
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Tensor:
