@@ -297,6 +297,25 @@ class Regclip:
         trainer.optimizer.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def first_batch_log_ratio(side: Regclip, rollout: Any, per_call: int = 3) -> dict[str, Any]:
+    """Largest |log-ratio| on a fresh rollout (policy unchanged, so exactly 0 in exact
+    arithmetic) with one trained step per call and with ``per_call`` steps stacked, and
+    the fraction of rows the loss clips: what the larger batch's rounding does."""
+    trainer = side.trainer
+    trainer.model.train()
+    surrogate = trainer.loss_fn.surrogate
+    out: dict[str, Any] = {"clip_range": [getattr(surrogate, "low", None), surrogate.high]}
+    per_call = min(per_call, rollout.num_sde_steps)
+    for name, ks in (("per_step", (0,)), (f"stacked_{per_call}", tuple(range(per_call)))):
+        result = trainer.transitions_loss(rollout, ks)
+        out[name] = {
+            "max_abs_log_ratio": float(result.log_ratio.abs().max()),
+            "clipped_frac": float(result.clipped.float().mean()),
+        }
+    return out
+
+
 def levers(side: Regclip, rollouts: list[Any], device: torch.device) -> dict[str, Any]:
     """The regclip train step with one speed lever switched back at a time (one run each)."""
     trainer = side.trainer
@@ -504,6 +523,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
             entry["peak_ratio"] = round(rc["peak_gib"] / up["peak_gib"], 3)
     rollouts = regclip.rewarded(regclip.trainer.sample())
     if not args.skip_levers:
+        entry["first_batch_log_ratio"] = first_batch_log_ratio(regclip, rollouts[0])
         entry["levers"] = levers(regclip, rollouts, device)
         print(f"[{arch}] levers {json.dumps(entry['levers'])}", flush=True)
     if arch == "sd3" and not args.skip_max_batch:

@@ -52,6 +52,9 @@ def test_regclip_side_runs_every_phase_lever_and_the_batch_search(tmp_path: Path
         }  # fmt: skip
         assert all(v["train_step_s"] > 0 for v in levers.values())
         assert ("max_batch" in entry) == (arch == "sd3")
+        first = entry["first_batch_log_ratio"]
+        assert first["per_step"]["max_abs_log_ratio"] == 0.0  # the rollout's own layout
+        assert 0.0 <= first["stacked_3"]["clipped_frac"] <= 1.0
     search = report["archs"]["sd3"]["max_batch"]["regclip"]
     assert search["largest_fit"] == search["cap"]  # nothing runs out of memory on the CPU
 
