@@ -27,7 +27,7 @@ train step fits in 80 GB (``max_batch``: memory capped at 80 GB with
 ``torch.cuda.set_per_process_memory_fraction``; a linear fit of the peak at two batch
 sizes, then probes around the prediction, catching out-of-memory).
 
-    # GPU (about 5 minutes on one H100 / H200)
+    # GPU (planned to take about 5 minutes on one H100 or H200; --compile adds the compilation)
     REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo@9745241 PYTHONPATH=src:. \\
         python benchmarks/trainer_vs_upstream.py --out benchmarks/results/trainer_vs_upstream.json
     # CPU check of the script (tiny configs; the upstream side only with the checkout)
@@ -232,6 +232,7 @@ class Regclip:
     def __init__(
         self, arch: str, transformer: torch.nn.Module, vae: Any, s: dict[str, Any],
         accelerator: Any, device: torch.device, tiny: bool, per_call: int,
+        compile_transformer: bool = False,
     ) -> None:  # fmt: skip
         cfg_scale = 4.5 if arch == "sd3" else 1.0
         model_config = dict(transformer.config)  # type: ignore[call-overload]
@@ -256,6 +257,7 @@ class Regclip:
             mixed_precision="no" if tiny else "bf16",
             weight_dtype="float32" if tiny else "bfloat16",
             timesteps_per_call=per_call,
+            compile_transformer=compile_transformer,
             device=device.type,
             output_dir=tempfile.mkdtemp(prefix="trainer_vs_upstream_"),
         )
@@ -471,7 +473,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
     )
     regclip = Regclip(
         arch, share_weights(pipe.transformer), pipe.vae, s, accelerator, device, args.tiny,
-        args.timesteps_per_call,
+        args.timesteps_per_call, args.compile,
     )  # fmt: skip
     upstream = Upstream(arch, args.src, pipe, s, accelerator) if args.src else None
     _sync(device)
@@ -481,6 +483,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
             **s, "lora_rank": 32, "lora_targets": LORA_TARGETS[arch],
             "cfg_scale": 4.5 if arch == "sd3" else 1.0,
             "timesteps_per_call": args.timesteps_per_call,
+            "compile_transformer": args.compile,
             "gradient_checkpointing": False,
             "loss_backend": "fused" if regclip.trainer.loss_fn.fused else "eager",
             "frozen_params_billion": round(frozen / 1e9, 3),
@@ -561,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--src", default=os.environ.get("REGCLIP_FLOW_GRPO_SRC"),
                         help="Flow-GRPO 9745241 checkout; without it only regclip runs")  # fmt: skip
     parser.add_argument("--timesteps-per-call", type=int, default=1)
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile regclip's transformer (the warm-up iteration compiles)",
+    )  # fmt: skip
     parser.add_argument("--skip-levers", action="store_true")
     parser.add_argument("--skip-max-batch", action="store_true")
     parser.add_argument("--max-batch-cap", type=int, default=256)
