@@ -134,3 +134,20 @@ def test_update_reads_no_device_value_before_its_end(
     assert len(outputs) == 2 * len(rollouts) * len(trainer.chunks)
     assert {"loss", "clip/frac"} <= set(sums)
     assert all(v.ndim == 0 and torch.isfinite(v) for v in sums.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("arch", "per_call"), [("sd3", 1), ("flux", 3)])
+def test_update_on_cuda_never_synchronises(tmp_path: Path, arch: str, per_call: int) -> None:
+    """The real check behind the CPU proxy above: CUDA's sync debug mode raises on any
+    synchronising call (``item``, blocking copies either way, ``nonzero``...)."""
+    trainer = _trainer(tmp_path, arch, device="cuda", timesteps_per_call=per_call)
+    rollouts, _ = trainer.rollout()
+    trainer.accumulate(rollouts)  # warm-up: kernels compile, caches fill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums, _, _, steps = trainer.accumulate(rollouts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert steps == len(rollouts) and "loss" in sums

@@ -347,7 +347,22 @@ class FluxArchitecture(Architecture):
     ``_prepare_latent_image_ids``, text ids zero; timestep ``sigma`` (the pipeline's
     ``t / 1000``); embedded guidance when the config has ``guidance_embeds``; sigmas
     ``linspace(1, 1/N, N)`` shifted by ``mu = calculate_shift(image_seq_len)``.
+
+    The image ids are built on the host, so they are kept per (grid, device, dtype): one
+    host-to-device copy per shape instead of one (a synchronisation) per transformer call.
     """
+
+    def __init__(self, vae_scale_factor: int = 8) -> None:
+        super().__init__(vae_scale_factor)
+        self._image_ids: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
+
+    def image_ids(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(h * w, 3) position ids of an ``h x w`` token grid (``FluxPipeline``'s), cached."""
+        key = (h, w, device, dtype)
+        if key not in self._image_ids:
+            ids: Tensor = self._pipeline()._prepare_latent_image_ids(1, h, w, device, dtype)
+            self._image_ids[key] = ids
+        return self._image_ids[key]
 
     name = "flux"
     model_class_name = "FluxTransformer2DModel"
@@ -423,7 +438,7 @@ class FluxArchitecture(Architecture):
     ) -> Tensor:
         dtype, device, batch = latents.dtype, latents.device, latents.shape[0]
         h, w = self.latent_hw(height, width)
-        img_ids = self._pipeline()._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
+        img_ids = self.image_ids(h // 2, w // 2, device, dtype)
         txt_ids = torch.zeros(embeds.prompt_embeds.shape[1], 3, device=device, dtype=dtype)
         embedded = None
         if model_config(model).guidance_embeds:
