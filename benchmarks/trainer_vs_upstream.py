@@ -392,7 +392,7 @@ def levers(side: Regclip, rollouts: list[Any], device: torch.device) -> dict[str
 
 
 def largest_batch(
-    probe: Callable[[int], None], device: torch.device, start: int, cap: int, budget: int = 5
+    probe: Callable[[int], None], device: torch.device, start: int, cap: int, budget: int = 3
 ) -> dict[str, Any]:
     """The largest batch (to within ``resolution``) whose ``probe`` fits under the memory
     cap: the peaks at ``start`` and ``2 start`` give a line; from its prediction, steps of
