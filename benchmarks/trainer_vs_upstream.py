@@ -23,8 +23,8 @@ weights, shared by both sides, are in every figure).
 Also measured, on the regclip side, the train step with one lever at a time switched
 back (``levers``: gradient checkpointing on, eager loss, value checks on, foreach AdamW,
 and ``timesteps_per_call`` 3), one repeat each; and, for SD3, the largest batch whose
-train step fits in 80 GB (``max_batch``: memory capped at 80 GB with
-``torch.cuda.set_per_process_memory_fraction``; a linear fit of the peak at two batch
+train step fits on an 80 GB H100 (``max_batch``: memory capped at that card's 81559 MiB
+with ``torch.cuda.set_per_process_memory_fraction``; a linear fit of the peak at two batch
 sizes, then probes around the prediction, catching out-of-memory).
 
     # GPU (planned to take about 5 minutes on one H100 or H200; --compile adds the compilation)
@@ -73,8 +73,8 @@ from upstream_overhead import LORA_TARGETS, SCRIPT, SETTINGS, TINY, _config, _Pr
 
 PHASES = ("rollout", "reward", "train_step", "iteration")
 LR, WEIGHT_DECAY, BETAS, EPS = 3e-4, 1e-4, (0.9, 0.999), 1e-8  # Flow-GRPO's config/base.py
-CARD_BYTES = 80 * 10**9
-"""The card the largest batch is sized for (an 80 GB H100)."""
+CARD_BYTES = 81559 * 2**20
+"""The card the largest batch is sized for: an H100 80GB HBM3 (81559 MiB in nvidia-smi)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -538,7 +538,7 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
         start_batch, cap = (2, 16) if args.tiny else (s["batch"], args.max_batch_cap)
         try:
             entry["max_batch"] = {
-                "card_gb": CARD_BYTES / 1e9,
+                "card_gib": round(CARD_BYTES / 2**30, 2),
                 "memory_fraction": fraction,
                 "regclip": largest_batch(
                     lambda b: regclip.probe(rollouts, b), device, start_batch, cap
