@@ -16,6 +16,19 @@ unpatched and patched (the mean recording), and regclip's own trainer (``regclip
 :class:`regclip.trainer.GRPOTrainer`, ``grpo_guard``) on the same model config, resolution,
 steps and batch. Writes compact JSON with the GPU name.
 
+The adapter's overhead, settled two ways:
+
+* ``paired_ratio``: ``--pairs`` pairs of steps, unpatched and patched-fused back to back
+  (order alternating, ``ABBA``), each pair's ratio patched / unpatched; the median ratio
+  and a percentile bootstrap 95 % interval of that median (``BOOTSTRAP`` resamples,
+  seeded). Pairing cancels the drift that makes separate medians spread by +-10 %.
+  ``--time-budget`` stops adding pairs once spent (the count is recorded).
+* ``attribution``: one patched-fused step under ``cProfile``: host seconds spent in
+  regclip's and the adapter's own Python (``src/regclip``, ``integrations``), their
+  functions' own time plus the C calls they make directly; and, on CUDA, the device time
+  of every kernel of one unpatched and one patched step (``torch.profiler``): their
+  difference is the device time the patch adds, the ``guard`` kernels' the fused loss's.
+
     # on the GPU machine (about 4 minutes on one H200)
     REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo@9745241 PYTHONPATH=src:. \\
         python benchmarks/upstream_overhead.py --out benchmarks/results/upstream_overhead.json
@@ -27,14 +40,18 @@ steps and batch. Writes compact JSON with the GPU name.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +63,10 @@ from integrations.common import RegclipOptions  # noqa: E402
 from integrations.standins import install_standins  # noqa: E402
 
 MODES = ("upstream", "grpo_guard", "grpo_guard_fused")
+PAIRED = ("upstream", "grpo_guard_fused")
+BOOTSTRAP = 2000
+OURS = (str(ROOT / "src" / "regclip"), str(ROOT / "integrations"))
+"""Where regclip's own code lives (the attribution's host side)."""
 # Flow-GRPO's recipes at 512 px: SD3.5-M 10 steps, CFG 4.5 in training (train.cfg),
 # 9 trained steps; Flux 16 steps here (embedded guidance 3.5), 9 trained steps. Micro-batch
 # 4 (SD3, doubled by CFG) and 2 (Flux) keep both within one H200 without checkpointing.
@@ -96,6 +117,85 @@ def _timed(device: torch.device, fn: Any) -> float:
     return time.perf_counter() - start
 
 
+def paired_ratio(
+    pairs: list[tuple[float, float]], resamples: int = BOOTSTRAP, seed: int = 0
+) -> dict[str, Any]:
+    """Median of ``b / a`` over ``(a, b)`` pairs and a percentile bootstrap 95 % interval
+    of that median (pairs resampled with replacement, ``seed``-ed)."""
+    ratios = np.array([b / a for a, b in pairs])
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, size=(resamples, len(ratios))), axis=1)
+    lo, hi = np.percentile(medians, [2.5, 97.5])
+    median = float(np.median(ratios))
+    return {
+        "median": round(median, 4),
+        "ci95": [round(float(lo), 4), round(float(hi), 4)],
+        "pairs": len(ratios),
+        "overhead_pct": round(100 * (median - 1), 2),
+        "ratios": [round(float(r), 4) for r in ratios],
+    }
+
+
+def host_seconds_in(stats: pstats.Stats, roots: tuple[str, ...]) -> float:
+    """Seconds a profile spent in functions defined under ``roots``: their own time, plus
+    the time of C functions (``~`` in ``pstats``) on calls made directly from them."""
+
+    def ours(path: str) -> bool:
+        return path.startswith(roots)
+
+    total = 0.0
+    for (path, _, _), (_, _, own, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if ours(path):
+            total += own
+        elif path == "~":
+            total += sum(edge[2] for caller, edge in callers.items() if ours(caller[0]))
+    return total
+
+
+def kernel_ms(device: torch.device, fn: Callable[[], Any]) -> dict[str, float]:
+    """Device milliseconds of each kernel name ``fn`` launches (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] = totals.get(event.name, 0.0) + event.device_time_total / 1e3
+    return totals
+
+
+def attribute(device: torch.device, step: Callable[[str], Any]) -> dict[str, Any]:
+    """Where the patch's time goes in one step (module docstring: ``attribution``)."""
+    profiler = cProfile.Profile()
+    _sync(device)
+    start = time.perf_counter()
+    profiler.enable()
+    step(PAIRED[1])
+    _sync(device)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    host = host_seconds_in(pstats.Stats(profiler), OURS)
+    out: dict[str, Any] = {
+        "profiled_step_s": round(wall, 4),
+        "regclip_host_s": round(host, 4),
+        "regclip_host_pct": round(100 * host / wall, 2),
+    }
+    if device.type == "cuda":
+        kernels = {mode: kernel_ms(device, lambda mode=mode: step(mode)) for mode in PAIRED}
+        base, patched = (sum(kernels[m].values()) for m in PAIRED)
+        guard = sum(ms for name, ms in kernels[PAIRED[1]].items() if "guard" in name)
+        out.update(
+            device_step_ms={m: round(sum(kernels[m].values()), 2) for m in PAIRED},
+            device_added_pct=round(100 * (patched - base) / base, 3),
+            fused_loss_kernels_ms=round(guard, 3),
+            fused_loss_pct=round(100 * guard / patched, 3),
+        )
+    return out
+
+
 def _config(arch: str, s: dict[str, Any]) -> Any:
     from integrations.flow_grpo import smoke
 
@@ -109,7 +209,8 @@ def _config(arch: str, s: dict[str, Any]) -> Any:
 
 
 def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
-                   device: torch.device, repeats: int) -> dict[str, Any]:  # fmt: skip
+                   device: torch.device, repeats: int, pairs: int = 0,
+                   time_budget: float | None = None) -> dict[str, Any]:  # fmt: skip
     from accelerate import Accelerator
     from integrations.flow_grpo import smoke
     from integrations.flow_grpo.adapter import FlowGRPOAdapter, load_upstream
@@ -193,6 +294,14 @@ def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
         for mode in MODES:
             runs[mode].append(step(mode))
     median = {m: statistics.median(v) for m, v in runs.items()}
+    paired: list[tuple[float, float]] = []
+    pairs_start = time.perf_counter()
+    for i in range(pairs):
+        if time_budget is not None and time.perf_counter() - pairs_start > time_budget:
+            break
+        order = PAIRED if i % 2 == 0 else PAIRED[::-1]
+        seconds = {mode: step(mode) for mode in order}
+        paired.append((seconds[PAIRED[0]], seconds[PAIRED[1]]))
     fused_used = None
     guard = adapters["grpo_guard_fused"].loss_fn
     if guard is not None:
@@ -215,6 +324,9 @@ def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
         "fused_kernels_ran": fused_used,
         "runs_s": {m: [round(x, 4) for x in v] for m, v in runs.items()},
     }
+    if paired:
+        result["paired_ratio"] = {"patched": PAIRED[1], **paired_ratio(paired)}
+        result["attribution"] = attribute(device, step)
     return result
 
 
@@ -267,6 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a CPU check")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--pairs", type=int, default=20,
+        help="unpatched / patched-fused step pairs for the paired ratio (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--time-budget", type=float, default=None,
+        help="seconds per architecture after which no more pairs start",
+    )  # fmt: skip
     parser.add_argument("--src", default=os.environ.get("REGCLIP_FLOW_GRPO_SRC"))
     parser.add_argument("--skip_regclip_train", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/upstream_overhead.json")
@@ -277,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         help="no-cudnn: turn cuDNN attention off (FLUX's backward failed under it on an H100)",
     )
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.pairs < 0:
+        parser.error(f"--repeats must be >= 1 and --pairs >= 0, got {args.repeats}, {args.pairs}")
     if args.sdpa == "no-cudnn":
         torch.backends.cuda.enable_cudnn_sdp(False)
     if not args.src:
@@ -293,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers": diffusers.__version__,
         "tiny": args.tiny,
         "repeats": args.repeats,
+        "pairs": args.pairs,
         "sdpa": args.sdpa,
         "archs": {},
     }
@@ -301,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         s = dict(TINY if args.tiny else SETTINGS[arch])
         entry: dict[str, Any] = {}
         try:
-            entry = bench_upstream(arch, args.src, s, args.tiny, device, args.repeats)
+            entry = bench_upstream(
+                arch, args.src, s, args.tiny, device, args.repeats, args.pairs, args.time_budget
+            )
             if device.type == "cuda":  # the upstream pipeline is gone: free its memory
                 torch.cuda.empty_cache()
             if not args.skip_regclip_train:

@@ -1,30 +1,73 @@
-"""``benchmarks/upstream_overhead.py --tiny``: the GPU benchmark's code path on CPU, against
-the real upstream scripts (``pytest -m upstream`` with ``REGCLIP_FLOW_GRPO_SRC``)."""
+"""``benchmarks/upstream_overhead.py``: its statistics on known inputs, and the GPU
+benchmark's code path on CPU (``--tiny``) against the real upstream scripts
+(``pytest -m upstream`` with ``REGCLIP_FLOW_GRPO_SRC``)."""
 
 from __future__ import annotations
 
+import cProfile
 import json
+import pstats
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from _upstream import upstream_checkout
 
-SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import upstream_overhead
+
+SRC, UPSTREAM = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
 
-def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import upstream_overhead
+def test_paired_ratio_is_the_median_ratio_inside_its_bootstrap_interval() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.uniform(2.0, 3.0, size=25)  # drifting steps: the pairs share the drift
+    pairs = [
+        (float(a), float(a * r)) for a, r in zip(base, rng.normal(1.01, 0.002, 25), strict=True)
+    ]
+    out = upstream_overhead.paired_ratio(pairs)
+    ratios = [b / a for a, b in pairs]
+    assert out["pairs"] == 25 and out["median"] == pytest.approx(np.median(ratios), abs=1e-4)
+    lo, hi = out["ci95"]
+    assert lo <= out["median"] <= hi and min(ratios) <= lo and hi <= max(ratios)
+    assert lo > 1.0 and hi < 1.02  # the 1 % overhead is resolved despite +-20 % drift
+    assert upstream_overhead.paired_ratio(pairs) == out  # seeded
+    assert out["overhead_pct"] == pytest.approx(100 * (out["median"] - 1), abs=0.01)
 
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_host_seconds_count_our_functions_and_the_c_calls_they_make() -> None:
+    here = str(Path(__file__).resolve().parent)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    _busy(0.05)  # this file's own time (plus its perf_counter calls)
+    sorted(range(10**5))  # a C call from this file
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    ours = upstream_overhead.host_seconds_in(stats, (here,))
+    assert 0.045 < ours <= stats.total_tt + 1e-9  # type: ignore[attr-defined]
+    assert upstream_overhead.host_seconds_in(stats, ("/nowhere/",)) == 0.0
+
+
+@UPSTREAM[0]
+@UPSTREAM[1]
+def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path: Path) -> None:
     assert SRC is not None
     if not (Path(SRC) / "scripts" / "train_flux.py").is_file():
         pytest.skip("the benchmark drives train_flux.py: it needs Flow-GRPO 9745241")
     out = tmp_path / "overhead.json"
     code = upstream_overhead.main(
-        ["--tiny", "--device", "cpu", "--repeats", "1", "--src", SRC, "--out", str(out)]
-    )
+        ["--tiny", "--device", "cpu", "--repeats", "1", "--pairs", "3", "--src", SRC,
+         "--out", str(out)]
+    )  # fmt: skip
     report = json.loads(out.read_text())
     assert code == 0, report
     assert report["tiny"] and report["gpu"] is None and set(report["archs"]) == {"sd3", "flux"}
@@ -35,3 +78,8 @@ def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path):
         assert all(v > 0 for v in entry["train_step_s"].values())
         assert set(entry["patch_overhead_pct"]) == {"grpo_guard", "grpo_guard_fused"}
         assert entry["rollout_s"]["patched"] > 0 and entry["regclip_train"]["train_step_s"] > 0
+        paired = entry["paired_ratio"]
+        assert paired["pairs"] == 3 and paired["ci95"][0] <= paired["median"] <= paired["ci95"][1]
+        attribution = entry["attribution"]
+        assert 0 < attribution["regclip_host_s"] < attribution["profiled_step_s"]
+        assert 0 < attribution["regclip_host_pct"] < 100

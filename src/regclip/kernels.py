@@ -208,7 +208,7 @@ class FlowSDE(TransitionKernel):
     def sigma(self, t: Tensor) -> Tensor:
         """(B,) the SDE noise level sigma_t (before the sqrt(-dt) of the step)."""
         at_one = t == 1
-        if bool(at_one.any()) and self.sigma_max is None:
+        if self.sigma_max is None and bool(at_one.any()):  # no device read when set
             raise ValueError(
                 "FlowSDE at t = 1 needs `sigma_max` (the schedule's largest sigma below 1, "
                 "sigmas[1] upstream): build it with FlowSDE.from_sigmas(sigmas, eta)"

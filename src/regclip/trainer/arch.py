@@ -84,6 +84,19 @@ class PromptEmbeds:
             pick(self.negative_pooled),
         )
 
+    def repeat(self, times: int) -> PromptEmbeds:
+        """The N rows stacked ``times`` times: (times * N, ...), row ``j * N + i`` = row ``i``."""
+
+        def tile(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value.repeat(times, *([1] * (value.dim() - 1)))
+
+        return PromptEmbeds(
+            self.prompt_embeds.repeat(times, 1, 1),
+            self.pooled.repeat(times, 1),
+            tile(self.negative_prompt_embeds),
+            tile(self.negative_pooled),
+        )
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptEmbeds:
         def move(value: Tensor | None) -> Tensor | None:
             return None if value is None else value.to(device=device, dtype=dtype)
@@ -208,7 +221,9 @@ class Architecture(ABC):
         height: int,
         width: int,
     ) -> Tensor:
-        """Raw transformer output for one batch (no guidance mixing), model dtype."""
+        """Raw transformer output for one batch (no guidance mixing), model dtype.
+
+        ``sigma`` is (B,), one noise level per row of ``latents``."""
 
     @abstractmethod
     def to_image_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
@@ -225,12 +240,14 @@ class Architecture(ABC):
         width: int,
         dtype: torch.dtype,
     ) -> Tensor:
-        """Guided velocity (B, ...) in float32 at noise level ``sigma`` (0-d tensor).
+        """Guided velocity (B, ...) in float32 at noise level ``sigma``: a 0-d tensor (every
+        row at one level) or (B,) (one level per row: several timesteps in one call).
 
         ``latents`` (float32) are cast to ``dtype``, the model's input precision. With CFG
         the batch ``[negative; positive]`` runs in one forward pass.
         """
         x = latents.to(dtype)
+        sigma = sigma.to(latents.device).expand(latents.shape[0])
         if guidance.uses_cfg:
             if not embeds.has_negative:
                 raise ValueError("classifier-free guidance needs negative prompt embeddings")
@@ -239,7 +256,9 @@ class Architecture(ABC):
                 torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds]),
                 torch.cat([embeds.negative_pooled, embeds.pooled]),
             )
-            out = self.forward(model, torch.cat([x, x]), sigma, both, guidance, height, width)
+            out = self.forward(
+                model, torch.cat([x, x]), sigma.repeat(2), both, guidance, height, width
+            )
             uncond, cond = out.float().chunk(2)
             return uncond + guidance.cfg_scale * (cond - uncond)
         return self.forward(model, x, sigma, embeds, guidance, height, width).float()
@@ -307,7 +326,7 @@ class SD3Architecture(Architecture):
         width: int,
     ) -> Tensor:
         dtype = latents.dtype
-        timestep = (sigma * 1000).to(latents.device).expand(latents.shape[0])
+        timestep = sigma * 1000
         out: Tensor = model(
             hidden_states=latents,
             encoder_hidden_states=embeds.prompt_embeds.to(latents.device, dtype),
@@ -328,7 +347,22 @@ class FluxArchitecture(Architecture):
     ``_prepare_latent_image_ids``, text ids zero; timestep ``sigma`` (the pipeline's
     ``t / 1000``); embedded guidance when the config has ``guidance_embeds``; sigmas
     ``linspace(1, 1/N, N)`` shifted by ``mu = calculate_shift(image_seq_len)``.
+
+    The image ids are built on the host, so they are kept per (grid, device, dtype): one
+    host-to-device copy per shape instead of one (a synchronisation) per transformer call.
     """
+
+    def __init__(self, vae_scale_factor: int = 8) -> None:
+        super().__init__(vae_scale_factor)
+        self._image_ids: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
+
+    def image_ids(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(h * w, 3) position ids of an ``h x w`` token grid (``FluxPipeline``'s), cached."""
+        key = (h, w, device, dtype)
+        if key not in self._image_ids:
+            ids: Tensor = self._pipeline()._prepare_latent_image_ids(1, h, w, device, dtype)
+            self._image_ids[key] = ids
+        return self._image_ids[key]
 
     name = "flux"
     model_class_name = "FluxTransformer2DModel"
@@ -404,7 +438,7 @@ class FluxArchitecture(Architecture):
     ) -> Tensor:
         dtype, device, batch = latents.dtype, latents.device, latents.shape[0]
         h, w = self.latent_hw(height, width)
-        img_ids = self._pipeline()._prepare_latent_image_ids(batch, h // 2, w // 2, device, dtype)
+        img_ids = self.image_ids(h // 2, w // 2, device, dtype)
         txt_ids = torch.zeros(embeds.prompt_embeds.shape[1], 3, device=device, dtype=dtype)
         embedded = None
         if model_config(model).guidance_embeds:
@@ -413,7 +447,7 @@ class FluxArchitecture(Architecture):
             hidden_states=latents,
             encoder_hidden_states=embeds.prompt_embeds.to(device, dtype),
             pooled_projections=embeds.pooled.to(device, dtype),
-            timestep=sigma.to(device).expand(batch),
+            timestep=sigma,
             img_ids=img_ids,
             txt_ids=txt_ids,
             guidance=embedded,

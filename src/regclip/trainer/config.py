@@ -200,6 +200,14 @@ class TrainConfig:
         "bfloat16", "dtype of the frozen weights", choices=("float32", "bfloat16", "float16")
     )
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass")
+    timesteps_per_call: int = _field(
+        1, "trained timesteps stacked into one transformer call in the update (batch_size x "
+        "this many rows: same gradient as one call per timestep, faster, more memory)",
+        range=AT_LEAST_1,
+    )  # fmt: skip
+    compile_transformer: bool = _field(
+        False, "torch.compile the transformer (the first calls of each shape compile)"
+    )
     ema_decay: float | None = _field(
         None, "keep an EMA of the trained weights with this decay (default: none)",
         range=Range(0, 1, low_open=True, high_open=True),

@@ -14,7 +14,13 @@ seeds, ``mu_old = x_{t+dt} - s_t eps``, :mod:`regclip.replay`), plus ``t``, ``dt
 
 :func:`recompute_transition` evaluates the current policy on a recorded step with the
 same batch layout, dtype and guidance as the rollout, so with unchanged weights it
-returns bit-identical means (log-ratio exactly 0).
+returns bit-identical means (log-ratio exactly 0). :func:`recompute_transitions` stacks
+several recorded steps into one transformer call (rows ``j * B + i``: sample ``i`` at the
+``j``-th listed step, each row at its own noise level); the per-row results are those of
+the per-step calls up to the floating-point effect of the larger batch on the matmuls.
+
+Nothing here reads a device value on the host: the schedule goes to the device once per
+rollout, and ``t``, ``dt`` and ``std`` stay there.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ from .. import replay
 from ..kernels import KernelStep, TransitionKernel
 from .arch import Architecture, Guidance, PromptEmbeds
 
-__all__ = ["Rollout", "SamplerConfig", "recompute_transition", "sample_rollout"]
+__all__ = [
+    "Rollout",
+    "SamplerConfig",
+    "recompute_transition",
+    "recompute_transitions",
+    "sample_rollout",
+]
 
 
 @dataclass(frozen=True)
@@ -78,13 +90,13 @@ class Rollout:
     """(B,) int64 per-sample noise seeds (CPU): the draw of sample ``i`` at schedule step
     ``j`` is ``regclip.replay.step_noise(noise_seeds, j, ...)[i]``."""
     steps: Tensor
-    """(K,) int64 step indices into the schedule."""
+    """(K,) int64 step indices into the schedule (CPU)."""
     t: Tensor
-    """(K,) sigma at the start of each SDE step."""
+    """(K,) sigma at the start of each SDE step (on the latents' device)."""
     dt: Tensor
-    """(K,) sigma_{next} - sigma (negative)."""
+    """(K,) sigma_{next} - sigma (negative; on the latents' device)."""
     std: Tensor
-    """(K,) transition std s_t."""
+    """(K,) transition std s_t (on the latents' device)."""
     final: Tensor
     """(B, ...) the end of the trajectory (x at t = 0)."""
     embeds: PromptEmbeds
@@ -102,6 +114,17 @@ class Rollout:
     def num_sde_steps(self) -> int:
         return int(self.steps.shape[0])
 
+    def stacked(self, field: Tensor, ks: tuple[int, ...]) -> Tensor:
+        """(len(ks) * B, ...) rows of a (B, K, ...) field at SDE steps ``ks``, step-major
+        (row ``j * B + i``: sample ``i`` at step ``ks[j]``), contiguous."""
+        if len(ks) == 1:  # the rollout's own layout: a plain contiguous copy of one step
+            return field[:, ks[0]].contiguous()
+        return field[:, _steps(ks)].transpose(0, 1).reshape(-1, *field.shape[2:])
+
+    def per_row(self, values: Tensor, ks: tuple[int, ...]) -> Tensor:
+        """(len(ks) * B,) a (K,) per-step value repeated for each sample, step-major."""
+        return values[_steps(ks)].repeat_interleave(self.batch_size)
+
     def old_mean(self, k: int) -> Tensor:
         """(B, ...) rollout mean of SDE step ``k``: stored, or ``x' - s_t eps`` regenerated.
 
@@ -116,8 +139,12 @@ class Rollout:
         return replay.old_mean_from_noise(nxt, self.std[k], noise)
 
 
-def _batch(value: Tensor, batch: int, device: torch.device) -> Tensor:
-    return value.to(device=device, dtype=torch.float32).expand(batch)
+def _steps(ks: tuple[int, ...]) -> slice | list[int]:
+    """An index for steps ``ks``: a slice when they are consecutive (no index tensor to
+    copy to the device), else the list."""
+    if list(ks) == list(range(ks[0], ks[0] + len(ks))):
+        return slice(ks[0], ks[0] + len(ks))
+    return list(ks)
 
 
 def _step_noise(seeds: Tensor, step: int, like: Tensor) -> Tensor:
@@ -165,29 +192,27 @@ def sample_rollout(
         raise ValueError(f"`sigmas` has {sigmas.shape[0]} entries, expected {config.num_steps + 1}")
     batch = len(embeds)
     x = arch.initial_latents(batch, channels, config.height, config.width, generator, device)
-    record: dict[str, list[Tensor]] = {"x": [], "next": [], "logp": [], "mean": []}
-    t_k, dt_k, std_k = [], [], []
+    record: dict[str, list[Tensor]] = {"x": [], "next": [], "logp": [], "mean": [], "std": []}
     sde_steps = config.trained_steps
     seeds = _new_seeds(batch, generator)
+    schedule = sigmas.to(device=device, dtype=torch.float32)  # one transfer per rollout
+    steps = schedule[1:] - schedule[:-1]
     for i in range(config.num_steps):
-        t, t_next = sigmas[i], sigmas[i + 1]
+        t, dt = schedule[i], steps[i]
         v = arch.velocity(model, x, t, embeds, config.guidance, config.height, config.width, dtype)
         if i not in sde_steps:
-            x = x + v * (t_next - t).to(device)
+            x = x + v * dt
             continue
         noise = _step_noise(seeds, i, x)
-        out = kernel.step(
-            x, v, _batch(t, batch, device), _batch(t_next - t, batch, device), noise=noise
-        )
+        out = kernel.step(x, v, t.expand(batch), dt.expand(batch), noise=noise)
         record["x"].append(x)
         record["next"].append(out.next_sample)
         record["logp"].append(out.log_prob)
         if config.store_old_means:
             record["mean"].append(out.mean)
-        t_k.append(t)
-        dt_k.append(t_next - t)
-        std_k.append(out.std[0].float().cpu())
+        record["std"].append(out.std[0].float())
         x = out.next_sample
+    index = list(sde_steps)
     return Rollout(
         latents=torch.stack(record["x"], 1),
         next_latents=torch.stack(record["next"], 1),
@@ -195,13 +220,32 @@ def sample_rollout(
         old_means=torch.stack(record["mean"], 1) if config.store_old_means else None,
         noise_seeds=seeds,
         steps=torch.tensor(sde_steps, dtype=torch.long),
-        t=torch.stack(t_k).float(),
-        dt=torch.stack(dt_k).float(),
-        std=torch.stack(std_k),
+        t=schedule[index],
+        dt=steps[index],
+        std=torch.stack(record["std"]),
         final=x,
         embeds=embeds,
         prompt_ids=prompt_ids.cpu().long(),
     )
+
+
+def _stacked_velocity(
+    model: nn.Module,
+    arch: Architecture,
+    rollout: Rollout,
+    ks: tuple[int, ...],
+    config: SamplerConfig,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inputs x (S B, ...), t (S B,), dt (S B,) of SDE steps ``ks`` (rows step-major) and
+    the current policy's velocity there, in one transformer call."""
+    if not ks:
+        raise ValueError("`ks` is empty: name at least one SDE step")
+    x = rollout.stacked(rollout.latents, ks)
+    t, dt = rollout.per_row(rollout.t, ks), rollout.per_row(rollout.dt, ks)
+    embeds = rollout.embeds if len(ks) == 1 else rollout.embeds.repeat(len(ks))
+    v = arch.velocity(model, x, t, embeds, config.guidance, config.height, config.width, dtype)
+    return x, t, dt, v
 
 
 def recompute_transition(
@@ -215,17 +259,30 @@ def recompute_transition(
     dtype: torch.dtype,
 ) -> KernelStep:
     """Current policy on SDE step ``k`` of ``rollout``: mean (B, ...) with grad, std (B,),
-    log-prob (B,) of the recorded draw. Same batch layout and precision as the rollout."""
-    # contiguous, like the rollout's input: a strided view may take another matmul path
-    x = rollout.latents[:, k].contiguous()
-    device, batch = x.device, x.shape[0]
-    v = arch.velocity(
-        model, x, rollout.t[k], rollout.embeds, config.guidance, config.height, config.width, dtype
-    )
-    return kernel.step(
-        x,
-        v,
-        _batch(rollout.t[k], batch, device),
-        _batch(rollout.dt[k], batch, device),
-        next_sample=rollout.next_latents[:, k],
-    )
+    log-prob (B,) of the recorded draw. Same batch layout and precision as the rollout;
+    inputs checked by :meth:`TransitionKernel.step`."""
+    x, t, dt, v = _stacked_velocity(model, arch, rollout, (k,), config, dtype)
+    return kernel.step(x, v, t, dt, next_sample=rollout.next_latents[:, k])
+
+
+def recompute_transitions(
+    model: nn.Module,
+    arch: Architecture,
+    kernel: TransitionKernel,
+    rollout: Rollout,
+    ks: tuple[int, ...],
+    config: SamplerConfig,
+    *,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Current policy on SDE steps ``ks`` of ``rollout`` in one transformer call: the
+    proposal means (S B, ...) with grad and the transition stds (S B,), S = ``len(ks)``,
+    rows step-major (:meth:`Rollout.stacked`).
+
+    With one step the batch layout is the rollout's (bit-identical means under unchanged
+    weights). The kernel's formulas run without :meth:`TransitionKernel.step`'s value
+    checks (each a device synchronisation): ``t`` and ``dt`` are the rollout's own, checked
+    when it was drawn.
+    """
+    x, t, dt, v = _stacked_velocity(model, arch, rollout, ks, config, dtype)
+    return kernel.mean(x, v, t, dt), kernel.std(t, dt)

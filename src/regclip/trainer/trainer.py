@@ -8,12 +8,25 @@ One iteration:
 2. **Reward.** Final latents -> VAE decode (or the latents themselves without a VAE) ->
    ``reward(images, prompts)`` -> per-prompt group advantages
    (:func:`regclip.group_advantages`, gathered over ranks).
-3. **Update.** For each pass, each rollout batch and each recorded SDE step ``k``:
-   recompute the proposal mean with the same batch layout
-   (:func:`~regclip.trainer.rollout.recompute_transition`), call the preset's
-   :class:`regclip.GuardedPPOLoss`, backward. Gradients accumulate over all SDE steps of
-   ``accumulate_batches`` batches (accelerate's gradient accumulation, which divides the
-   loss by that count), then clip, optimizer step, EMA step.
+3. **Update.** For each pass, each rollout batch and each chunk of
+   ``timesteps_per_call`` consecutive recorded SDE steps: recompute the proposal means of
+   the chunk in one transformer call
+   (:func:`~regclip.trainer.rollout.recompute_transitions`), call the preset's
+   :class:`regclip.GuardedPPOLoss` on the stacked rows, backward. Gradients accumulate
+   over all chunks of ``accumulate_batches`` batches (accelerate's gradient accumulation,
+   which divides the loss by that count), then clip, optimizer step, EMA step.
+
+   The gradient does not depend on the chunking: the loss is a mean of per-row terms, so
+   chunk ``c`` (``n_c`` of the ``K`` steps) scaled by ``C n_c / K`` (``C`` chunks) and
+   divided by accelerate's ``A C`` adds ``sum_{k in c} L_k / (A K)``, the per-step loop's
+   share. Presets whose loss couples the rows of a batch (batch-mean ratio scale or
+   weight) are refused with ``timesteps_per_call > 1``.
+
+On CUDA the update reads nothing back to the host until its end (loss metrics and
+gradient norms accumulate on the device; one transfer), the loss runs on the fused
+Triton backend where the preset allows it (:mod:`regclip.fused`), and AdamW uses its
+fused kernel. The loss is built with ``validate=False``: its inputs come from the
+trainer's own rollout, and the value checks would synchronise on every call.
 
 Multi-GPU runs go through ``accelerate launch`` (DDP); nothing here is device-specific.
 The rollout uses the unwrapped model under ``accelerator.autocast()``; accelerate applies
@@ -39,12 +52,21 @@ from ..kernels import FlowSDE, TransitionKernel, make_kernel
 from ..loss import GuardedPPOLoss
 from ..loss_config import LossConfig
 from ..output import LossOutput
+from ..ratio import BatchRatioNorm
+from ..reweight import BatchInverseDtWeight
 from .arch import Guidance, model_config
 from .build import Components, dtype_from_name
 from .config import TrainConfig
-from .rollout import Rollout, SamplerConfig, recompute_transition, sample_rollout
+from .rollout import Rollout, SamplerConfig, recompute_transitions, sample_rollout
 
-__all__ = ["GRPOTrainer", "build_kernel", "build_loss", "decode_images", "select_trainable"]
+__all__ = [
+    "GRPOTrainer",
+    "build_kernel",
+    "build_loss",
+    "decode_images",
+    "select_trainable",
+    "timestep_chunks",
+]
 
 STATE_FILE = "trainer_state.pt"
 
@@ -65,18 +87,50 @@ def build_loss(
     adv_clip: float | None = 5.0,
     kl_coef: float = 0.0,
     times: Tensor | None = None,
+    fused: bool = False,
+    validate: bool = True,
 ) -> GuardedPPOLoss:
     """The preset's loss through :meth:`GuardedPPOLoss.from_config`, with the trainer's
     kernel (presets that use none ignore it) and sampling schedule ``times`` (each step's
-    start time, ``sigmas[:-1]``; read by ``adaptive_guard``)."""
+    start time, ``sigmas[:-1]``; read by ``adaptive_guard``). ``fused`` asks for the fused
+    backend (an error when the preset can never run there); ``validate=False`` skips the
+    per-call value checks (each one a device synchronisation)."""
     config = LossConfig(
         preset,
         clip_range=clip_range,
         adv_clip=adv_clip,
         kl_coef=kl_coef,
         sde=sde,  # type: ignore[arg-type]
+        fused=fused,
     )
-    return GuardedPPOLoss.from_config(config, kernel, times=times)
+    return GuardedPPOLoss.from_config(config, kernel, times=times, validate=validate)
+
+
+def fused_applies(loss: GuardedPPOLoss, device: torch.device) -> bool:
+    """Whether ``loss`` can run on the fused Triton backend on ``device`` (CUDA with Triton,
+    and a preset the backend runs)."""
+    if device.type != "cuda":
+        return False
+    from ..fused import is_available, static_blocker
+
+    return bool(is_available(device)) and static_blocker(loss) is None
+
+
+def timestep_chunks(num_steps: int, per_call: int) -> list[tuple[int, ...]]:
+    """The K = ``num_steps`` SDE step indices in consecutive chunks of ``per_call``
+    (the last one shorter when ``per_call`` does not divide K)."""
+    if per_call < 1:
+        raise ValueError(f"`timesteps_per_call` must be >= 1, got {per_call}")
+    return [tuple(range(s, min(s + per_call, num_steps))) for s in range(0, num_steps, per_call)]
+
+
+def couples_rows(loss: GuardedPPOLoss) -> str | None:
+    """Which part of ``loss`` mixes the rows of a batch (so stacking timesteps would change
+    the gradient), or None."""
+    for part in (loss.normalizer, loss.reweighter):
+        if isinstance(part, BatchRatioNorm | BatchInverseDtWeight):
+            return type(part).__name__
+    return None
 
 
 @torch.no_grad()
@@ -155,10 +209,10 @@ class GRPOTrainer:
             guidance=Guidance(config.cfg_scale, config.embedded_guidance),
             store_old_means=config.store_old_means,
         )
-        num_sde = len(self.sampler.trained_steps)
+        self.chunks = timestep_chunks(len(self.sampler.trained_steps), config.timesteps_per_call)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.accumulate_batches * num_sde,
+            gradient_accumulation_steps=config.accumulate_batches * len(self.chunks),
             cpu=config.device == "cpu",
         )
         self.device = self.accelerator.device
@@ -172,10 +226,16 @@ class GRPOTrainer:
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()  # type: ignore[operator]
         transformer.to(self.device)
+        if config.compile_transformer:
+            transformer.compile()
         optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.lr, weight_decay=config.weight_decay
+            self.trainable,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda",
         )
         self.model, self.optimizer = self.accelerator.prepare(transformer, optimizer)
+        self.embeds = self.prompts.embeds.to(self.device, self.input_dtype)  # moved once
         self.vae = components.vae
         if self.vae is not None:
             self.vae.requires_grad_(False).to(self.device)
@@ -192,7 +252,15 @@ class GRPOTrainer:
             adv_clip=config.adv_clip,
             kl_coef=config.kl_coef,
             times=self.sigmas[:-1],
+            validate=False,
         )
+        self.loss_fn.fused = fused_applies(self.loss_fn, self.device)
+        coupled = couples_rows(self.loss_fn)
+        if config.timesteps_per_call > 1 and coupled is not None:
+            raise ValueError(
+                f"`timesteps_per_call` must be 1 with preset {config.preset!r}: its "
+                f"{coupled} mixes the rows of a batch, so stacked timesteps change the gradient"
+            )
         self.ema = None
         if config.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -242,6 +310,12 @@ class GRPOTrainer:
 
         Returns the rollouts and this rank's rewards (N_rank,).
         """
+        rollouts = self.sample()
+        return rollouts, self.reward(rollouts)
+
+    def sample(self) -> list[Rollout]:
+        """This rank's rollouts of the current iteration (no rewards yet), in batches of
+        ``batch_size``."""
         ids = self.sample_prompt_ids()
         model = self.unwrapped
         channels = int(model_config(model).in_channels)
@@ -249,7 +323,7 @@ class GRPOTrainer:
         rank = self.accelerator.process_index
         for b, start in enumerate(range(0, len(ids), self.config.batch_size)):
             batch_ids = ids[start : start + self.config.batch_size]
-            embeds = self.prompts.embeds.select(batch_ids).to(self.device)
+            embeds = self.embeds.select(batch_ids)
             with self.accelerator.autocast():
                 rollouts.append(
                     sample_rollout(
@@ -266,12 +340,18 @@ class GRPOTrainer:
                         channels=channels,
                     )
                 )
+        return rollouts
+
+    def reward(self, rollouts: list[Rollout]) -> Tensor:
+        """Score ``rollouts`` (:meth:`score`), set their group advantages, and return this
+        rank's rewards (N_rank,)."""
         rewards = torch.cat([self.score(r) for r in rollouts])
+        ids = torch.cat([r.prompt_ids for r in rollouts])
         std: Any = self.config.advantage_std
         advantages = group_advantages(rewards, ids.to(rewards.device), std=std)
         for r, adv in zip(rollouts, advantages.split(self.config.batch_size), strict=True):
             r.advantages = adv.to(self.device)
-        return rollouts, rewards
+        return rewards
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Tensor:
@@ -286,28 +366,37 @@ class GRPOTrainer:
 
     def transition_loss(self, rollout: Rollout, k: int) -> LossOutput:
         """The preset's loss on SDE step ``k`` of ``rollout`` (current policy, with grad)."""
+        return self.transitions_loss(rollout, (k,))
+
+    def transitions_loss(self, rollout: Rollout, ks: tuple[int, ...]) -> LossOutput:
+        """The preset's loss on SDE steps ``ks`` of ``rollout``, stacked into one batch of
+        ``len(ks) * B`` rows (one transformer call; rows as
+        :func:`~regclip.trainer.rollout.recompute_transitions` orders them)."""
         if rollout.advantages is None:
             raise ValueError("the rollout has no advantages: run `rollout()` first")
-        step = recompute_transition(
-            self.model, self.arch, self.kernel, rollout, k, self.sampler, dtype=self.input_dtype
+        mean, std = recompute_transitions(
+            self.model, self.arch, self.kernel, rollout, ks, self.sampler, dtype=self.input_dtype
         )
-        batch = rollout.batch_size
         extra = {}
         if self.config.kl_coef > 0:
-            extra["ref_mean"] = self._reference_mean(rollout, k)
+            extra["ref_mean"] = self._reference_mean(rollout, ks)
+        if rollout.old_means is not None:
+            old_mean = rollout.stacked(rollout.old_means, ks)
+        else:
+            old_mean = torch.cat([rollout.old_mean(k) for k in ks])
         return self.loss_fn(
-            advantages=rollout.advantages,
-            mean=step.mean,
-            old_mean=rollout.old_mean(k),
-            next_sample=rollout.next_latents[:, k],
-            std=step.std,
-            dt=rollout.dt[k].to(self.device).expand(batch),
-            t=rollout.t[k].to(self.device).expand(batch),
+            advantages=rollout.advantages.repeat(len(ks)),
+            mean=mean,
+            old_mean=old_mean,
+            next_sample=rollout.stacked(rollout.next_latents, ks),
+            std=std,
+            dt=rollout.per_row(rollout.dt, ks),
+            t=rollout.per_row(rollout.t, ks),
             **extra,
         )
 
     @torch.no_grad()
-    def _reference_mean(self, rollout: Rollout, k: int) -> Tensor:
+    def _reference_mean(self, rollout: Rollout, ks: tuple[int, ...]) -> Tensor:
         if not self.lora:
             raise ValueError(
                 "the KL term needs a reference model: use LoRA (the adapter-free base)"
@@ -316,32 +405,56 @@ class GRPOTrainer:
         model.disable_adapters()  # type: ignore[operator]
         try:
             with self.accelerator.autocast():
-                ref = recompute_transition(
-                    model, self.arch, self.kernel, rollout, k, self.sampler, dtype=self.input_dtype
+                ref_mean, _ = recompute_transitions(
+                    model, self.arch, self.kernel, rollout, ks, self.sampler, dtype=self.input_dtype
                 )
         finally:
             model.enable_adapters()  # type: ignore[operator]
-        return ref.mean
+        return ref_mean
 
     def update(self, rollouts: list[Rollout]) -> dict[str, float]:
         """All optimizer passes over ``rollouts``; returns mean loss metrics and grad norm.
 
-        Metrics and per-timestep diagnostics accumulate on the device; they are read
-        (one device synchronisation) once, after the last pass.
+        The passes (:meth:`accumulate`) read nothing on the host; the metrics come back in
+        one transfer and the per-timestep diagnostics are fed after the last pass.
+        """
+        sums, norms, outputs, steps = self.accumulate(rollouts)
+        names = list(sums)
+        values = [sums[n] for n in names]
+        if norms:
+            names.append("grad_norm")
+            values.append(torch.stack(norms).mean())
+        metrics = dict(zip(names, torch.stack(values).tolist(), strict=True)) if values else {}
+        metrics["optimizer_steps"] = float(steps)
+        for step_ids, out in outputs:
+            self.diagnostics.update(step_ids, out)
+        return metrics
+
+    def accumulate(
+        self, rollouts: list[Rollout]
+    ) -> tuple[dict[str, Tensor], list[Tensor], list[tuple[Tensor, LossOutput]], int]:
+        """The optimizer passes, without one host read of a device value.
+
+        Returns the loss metrics averaged over all trained (sample, step) pairs (0-d device
+        tensors), the gradient norm of each optimizer step, each loss call's detached
+        output with its rows' step indices (CPU), and the number of optimizer steps.
         """
         sums: dict[str, Tensor] = {}
         norms: list[Tensor] = []
-        outputs: list[tuple[int, LossOutput]] = []
-        calls, steps = 0, 0
-        g = torch.Generator().manual_seed(_seed(self.config.seed, self.iteration, 3))
+        outputs: list[tuple[Tensor, LossOutput]] = []
+        steps = 0
+        order = np.random.default_rng(_seed(self.config.seed, self.iteration, 3))
+        num_sde = len(self.sampler.trained_steps)
+        scale = [len(self.chunks) * len(ks) / num_sde for ks in self.chunks]
         self.model.train()
         for _ in range(self.config.passes):
-            for b in torch.randperm(len(rollouts), generator=g).tolist():
-                rollout = rollouts[b]
-                for k in range(rollout.num_sde_steps):
+            for b in order.permutation(len(rollouts)):
+                rollout = rollouts[int(b)]
+                for ks, factor in zip(self.chunks, scale, strict=True):
                     with self.accelerator.accumulate(self.model):
-                        out = self.transition_loss(rollout, k)
-                        self.accelerator.backward(out.loss)
+                        out = self.transitions_loss(rollout, ks)
+                        loss = out.loss if factor == 1 else out.loss * factor
+                        self.accelerator.backward(loss)
                         if self.accelerator.sync_gradients:
                             norm = self.accelerator.clip_grad_norm_(
                                 self.trainable, self.config.max_grad_norm
@@ -357,21 +470,13 @@ class GRPOTrainer:
                         self.loss_fn.surrogate, AdaptiveClip
                     ):  # adaptive_guard: update the per-step ranges once per optimizer step
                         self.loss_fn.surrogate.step()
+                    share = len(ks) / (num_sde * self.config.passes * len(rollouts))
                     for name, value in out.metric_tensors.items():
-                        value = value.detach().float()
+                        value = value.detach().float() * share
                         sums[name] = sums[name] + value if name in sums else value
-                    outputs.append((int(rollout.steps[k]), _detached(out)))
-                    calls += 1
-        names = list(sums)
-        values = [sums[n] / calls for n in names]
-        if norms:
-            names.append("grad_norm")
-            values.append(torch.stack([n.to(self.device) for n in norms]).mean())
-        metrics = dict(zip(names, torch.stack(values).tolist(), strict=True)) if values else {}
-        metrics["optimizer_steps"] = float(steps)
-        for step, out in outputs:
-            self.diagnostics.update(step, out)
-        return metrics
+                    step_ids = rollout.steps[list(ks)].repeat_interleave(rollout.batch_size)
+                    outputs.append((step_ids, _detached(out)))
+        return sums, norms, outputs, steps
 
     def train_iteration(self) -> dict[str, Any]:
         """Rollout + update; returns the iteration's metrics (and per-step diagnostics)."""
