@@ -134,6 +134,22 @@ def test_ensemble_members_equal_single_networks_and_do_not_share_gradients():
     assert any(bool(p.grad[0].abs().sum() > 0) for p in both.parameters())
 
 
+def test_block_checkpointing_gives_the_same_gradient():
+    net = EnsembleMixer(2, 16, 4, 16, 2, torch.Generator().manual_seed(3))
+    for p in net.parameters():  # non-zero output layers, so every weight gets a gradient
+        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.rand(2, 3, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for flag in (False, True):
+        net.checkpoint_blocks = flag
+        net.zero_grad()
+        net(x, t).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.equal(plain, recomputed)
+
+
 def test_per_member_grad_clip_bounds_each_member_and_keeps_small_ones():
     p = torch.nn.Parameter(torch.zeros(3, 4))
     p.grad = torch.tensor([[3.0, 4.0, 0, 0], [0.3, 0.4, 0, 0], [0, 0, 0, 12.0]])

@@ -76,6 +76,9 @@ class DemoConfig:
     eval_samples: int = 32
     """ODE samples from fixed noise per evaluation."""
     device: str = "cpu"
+    checkpoint_blocks: bool = False
+    """Recompute the network's blocks in the backward pass (same gradients, far less memory:
+    lets hundreds of runs share one GPU)."""
     time_limit: float | None = None
     """Seconds; an ensemble still training then is evaluated and stopped early (its curve
     ends there)."""
@@ -138,6 +141,7 @@ PRESET_BUDGETS: dict[str, dict[str, object]] = {
         iterations=40,
         lr=1e-4,
         eval_samples=64,
+        checkpoint_blocks=True,
         seeds=(0, 1, 2, 3, 4, 5, 6, 7),
         methods=(
             "flow_grpo",

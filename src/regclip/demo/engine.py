@@ -101,6 +101,7 @@ class _Ensemble:
         states = [pre.states[r.generator_seed] for r in runs]
         dims = (cfg.size, cfg.patch, cfg.width, cfg.depth)
         self.net = EnsembleMixer.from_members(states, *dims).to(device)
+        self.net.checkpoint_blocks = cfg.checkpoint_blocks
         self.ref = None
         if any(r.base == "flow_grpo_kl" for r in runs):
             self.ref = EnsembleMixer.from_members(states, *dims).to(device).requires_grad_(False)

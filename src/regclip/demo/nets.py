@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["EnsembleMixer"]
 
@@ -82,6 +83,9 @@ class EnsembleMixer(nn.Module):
         self.ch_in = nn.ParameterList([param(width, 2 * width) for _ in range(depth)])
         self.ch_out = nn.ParameterList([param(2 * width, width, zero=True) for _ in range(depth)])
         self.head = param(width, pix, zero=True)
+        self.checkpoint_blocks = False
+        """Recompute each block in the backward pass instead of keeping its activations
+        (the same gradient, about a tenth of the memory, a third more compute)."""
 
     @staticmethod
     def _mm(x: Tensor, w: Tensor) -> Tensor:
@@ -102,17 +106,24 @@ class EnsembleMixer(nn.Module):
         x = tokens.reshape(e, n, g, g, p, p).permute(0, 1, 2, 4, 3, 5)
         return x.reshape(e, n, 1, self.size, self.size)
 
+    def _block(self, h: Tensor, temb: Tensor, k: int) -> Tensor:
+        """Block ``k`` on tokens ``h`` (E, N, L, C) with its time embedding (E, N, 1, C)."""
+        h = h + temb
+        u = F.layer_norm(h, (self.width,)).transpose(-1, -2)  # (E, N, C, L)
+        u = self._mm(F.gelu(self._mm(u, self.tok_in[k])), self.tok_out[k])
+        h = h + u.transpose(-1, -2)
+        u = F.layer_norm(h, (self.width,))
+        return h + self._mm(F.gelu(self._mm(u, self.ch_in[k])), self.ch_out[k])
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         e, n = x.shape[:2]
         h = self._mm(self.patchify(x), self.embed) + self.pos.unsqueeze(1)
         temb = torch.bmm(_time_features(t), self.time_w).view(e, n, 1, self.depth, self.width)
         for k in range(self.depth):
-            h = h + temb[..., k, :]
-            u = F.layer_norm(h, (self.width,)).transpose(-1, -2)  # (E, N, C, L)
-            u = self._mm(F.gelu(self._mm(u, self.tok_in[k])), self.tok_out[k])
-            h = h + u.transpose(-1, -2)
-            u = F.layer_norm(h, (self.width,))
-            h = h + self._mm(F.gelu(self._mm(u, self.ch_in[k])), self.ch_out[k])
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                h = checkpoint(self._block, h, temb[..., k, :], k, use_reentrant=False)
+            else:
+                h = self._block(h, temb[..., k, :], k)
         out = self.unpatchify(self._mm(F.layer_norm(h, (self.width,)), self.head))
         return out + skip_gain(t).view(e, n, 1, 1, 1) * x
 
