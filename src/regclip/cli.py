@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from . import __version__
+
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
         "regclip.demo.cli",
@@ -57,6 +59,7 @@ def _missing_extra(error: ModuleNotFoundError) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(prog="regclip", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"regclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen: argparse.ArgumentParser | None = None
     for name, (module_name, extra, help_text) in SUBCOMMANDS.items():
