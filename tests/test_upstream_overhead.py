@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from _upstream import upstream_checkout
+from _upstream import skip_on_missing_dependency, upstream_checkout
 
 SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
@@ -22,9 +22,10 @@ def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path):
     if not (Path(SRC) / "scripts" / "train_flux.py").is_file():
         pytest.skip("the benchmark drives train_flux.py: it needs Flow-GRPO 9745241")
     out = tmp_path / "overhead.json"
-    code = upstream_overhead.main(
-        ["--tiny", "--device", "cpu", "--repeats", "1", "--src", SRC, "--out", str(out)]
-    )
+    with skip_on_missing_dependency(SRC):
+        code = upstream_overhead.main(
+            ["--tiny", "--device", "cpu", "--repeats", "1", "--src", SRC, "--out", str(out)]
+        )
     report = json.loads(out.read_text())
     assert code == 0, report
     assert report["tiny"] and report["gpu"] is None and set(report["archs"]) == {"sd3", "flux"}
