@@ -295,3 +295,8 @@ def test_resume_of_an_unreadable_checkpoint_is_one_line(capsys, no_build, tmp_pa
     argv = ["train", "--smoke", "--output-dir", str(tmp_path), "--iterations", "2"]
     assert "cannot be read" in _fails([*argv, "--resume", str(path)], capsys)
     assert "no checkpoint under" in _fails([*argv, "--resume", "latest"], capsys)
+
+
+def test_a_mistyped_flag_gets_a_did_you_mean(capsys):
+    line = _fails(["train", "--group-sise", "4"], capsys)
+    assert "--group-sise" in line and "did you mean --group-size?" in line
