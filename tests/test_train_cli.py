@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from regclip import presets
 from regclip.cli import main
@@ -300,3 +302,31 @@ def test_resume_of_an_unreadable_checkpoint_is_one_line(capsys, no_build, tmp_pa
 def test_a_mistyped_flag_gets_a_did_you_mean(capsys):
     line = _fails(["train", "--group-sise", "4"], capsys)
     assert "--group-sise" in line and "did you mean --group-size?" in line
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@settings(max_examples=300)
+@given(name=st.sampled_from([f.name for f in fields(TrainConfig)]), value=_json_values)
+def test_any_config_file_value_is_accepted_or_refused_naming_its_field(name, value):
+    """A value of any JSON/TOML type either makes a config or raises the one-line
+    ConfigError naming the field: never a TypeError or a silent wrong type."""
+    from regclip.trainer.config import ConfigError
+
+    try:
+        config = TrainConfig.from_dict({name: value})
+    except ConfigError as error:
+        assert error.field == name, (error.field, str(error))
+        return
+    got = getattr(config, name)
+    if isinstance(getattr(TrainConfig(), name), float):
+        assert isinstance(got, float) and got == got  # numbers become finite floats
+    else:
+        assert got is None or type(got) is type(value) or isinstance(value, (list, tuple))
