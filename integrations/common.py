@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import itertools
+import math
+import re
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -28,17 +32,21 @@ __all__ = [
     "LoggerProxy",
     "MetricLog",
     "Patches",
+    "PreparedLaunch",
     "RegclipOptions",
     "StopTraining",
     "TransitionStore",
     "UpstreamAdapter",
     "build_loss",
+    "command_line",
     "inject_gradient",
     "launch",
     "parse_known_options",
+    "prepare_launch",
     "require_attributes",
     "require_parameters",
     "require_source",
+    "run_launch",
     "run_main_block",
 ]
 
@@ -86,11 +94,42 @@ class RegclipOptions:
     """Upstream checkout (default: the environment variable, then the working directory)."""
     script: str | None = None
     """Which upstream training script the launcher runs, for adapters that drive several
-    (Flow-GRPO: ``train_sd3`` (default), ``train_flux``, ...); others ignore it."""
+    (Flow-GRPO: ``train_sd3`` (default), ``train_flux``, ...); the others refuse it."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "preset": tuple(sorted(regclip.presets.PRESETS)),
+    "reweight": ("auto", "inverse_dt", "equalizing"),
+    "ratio_source": ("auto", "log_prob", "closed_form"),
+    "means_device": ("same", "cpu"),
+}
+"""The allowed values of the string options that have a fixed set."""
 
 
 def _parse_optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    """A positive finite number, or ``none``."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number or 'none', got {text!r}"
+        ) from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+    return value
+
+
+def _parse_count(text: str) -> int:
+    """A non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _parse_bool(text: str) -> bool:
@@ -101,39 +140,67 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls``, as one line of plain text (no
+    reStructuredText roles or literals)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            text = " ".join(following.value.value.split())
+            docs[node.target.id] = re.sub(r":\w+:`([^`]*)`", r"\1", text).replace("``", "")
+    return docs
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--regclip_<field>`` for every field of :class:`RegclipOptions`."""
-    group = parser.add_argument_group("regclip")
+    """Add ``--regclip_<field>`` for every field of :class:`RegclipOptions`, its help the
+    field's docstring."""
+    group = parser.add_argument_group("regclip options (the rest goes to upstream's parser)")
+    docs = _field_docs(RegclipOptions)
     for field in fields(RegclipOptions):
-        default = field.default
         kind: Callable[[str], Any]
         if field.name in ("clip_range", "adv_clip"):
             kind = _parse_optional_float
         elif field.name == "max_steps":
-            kind = int
+            kind = _parse_count
         elif field.name == "fused":
             kind = _parse_bool
         else:
             kind = str
-        group.add_argument(f"--regclip_{field.name}", type=kind, default=default)
+        group.add_argument(
+            f"--regclip_{field.name}",
+            type=kind,
+            default=field.default,
+            choices=CHOICES.get(field.name),
+            metavar=field.name.upper(),
+            help=docs[field.name].replace("%", "%%")
+            + ("" if field.default is None else f" [default: {field.default}]"),
+        )
 
 
-def parse_known_options(argv: Sequence[str]) -> tuple[RegclipOptions, list[str]]:
-    """Split ``argv`` into regclip's options and the rest (left for the upstream parser)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+def _options_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from regclip.cli import OneLineParser
+
+    parser = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
     add_arguments(parser)
-    known, rest = parser.parse_known_args(list(argv))
+    return parser
+
+
+def parse_known_options(
+    argv: Sequence[str], prog: str | None = None
+) -> tuple[RegclipOptions, list[str]]:
+    """Split ``argv`` into regclip's options and the rest (left for the upstream parser).
+    A bad ``--regclip_*`` value exits with one line, ``prog: error: ...``, status 2."""
+    known, rest = _options_parser(prog).parse_known_args(list(argv))
     values = {f.name: getattr(known, f"regclip_{f.name}") for f in fields(RegclipOptions)}
-    options = RegclipOptions(**values)
-    if options.preset not in regclip.presets.PRESETS:
-        raise SystemExit(
-            f"--regclip_preset {options.preset!r} is not one of {sorted(regclip.presets.PRESETS)}"
-        )
-    if options.means_device not in ("same", "cpu"):
-        raise SystemExit(
-            f"--regclip_means_device must be 'same' or 'cpu', got {options.means_device!r}"
-        )
-    return options, rest
+    return RegclipOptions(**values), rest
 
 
 def build_loss(
@@ -583,39 +650,100 @@ def run_main_block(module: ModuleType) -> None:
     raise IncompatibleUpstreamError(f"{module.__name__} has no `if __name__ == '__main__':` block")
 
 
+@dataclass
+class PreparedLaunch:
+    """A launcher's run, ready to start: regclip's options, the loaded upstream checkout
+    and ``sys.argv`` for upstream's script (its path, then the non-regclip flags)."""
+
+    options: RegclipOptions
+    upstream: Any
+    argv: list[str]
+
+
+def prepare_launch(
+    argv: Sequence[str], load_upstream: Callable[..., Any], script: str, prog: str | None = None
+) -> PreparedLaunch:
+    """Split the ``--regclip_*`` flags off ``argv`` and load the upstream checkout
+    (``load_upstream(options.src)``). ``script``: the upstream's training script, unless
+    the loaded upstream names its own ``script_path`` (as with ``--regclip_script``)."""
+    options, rest = parse_known_options(argv, prog)
+    if options.script is None:
+        upstream = load_upstream(options.src)
+    elif "script" in inspect.signature(load_upstream).parameters:
+        upstream = load_upstream(options.src, script=options.script)
+    else:
+        raise ValueError(f"--regclip_script is not an option of this launcher ({script})")
+    script = getattr(upstream, "script_path", script)
+    return PreparedLaunch(options, upstream, [str(upstream.root / script), *rest])
+
+
+def run_launch(
+    prepared: PreparedLaunch,
+    adapter: Callable[[Any, RegclipOptions], AbstractContextManager[Any]],
+) -> int:
+    """Inside ``adapter(upstream, options)``, run the ``__main__`` block of upstream's
+    training script with ``sys.argv = prepared.argv``. Returns the exit status: the code
+    of a ``sys.exit`` in upstream's block (absl's ``app.run`` always exits), else 0; a
+    :class:`StopTraining` (``--regclip_max_steps``) ends the run with a message and 0."""
+    with adapter(prepared.upstream, prepared.options):
+        sys.argv = list(prepared.argv)
+        try:
+            run_main_block(prepared.upstream.train_module)
+        except StopTraining as stop:
+            print(f"[regclip] {stop}")
+        except SystemExit as done:
+            return int(done.code or 0)
+    return 0
+
+
 def launch(
     argv: Sequence[str] | None,
     load_upstream: Callable[..., Any],
     adapter: Callable[[Any, RegclipOptions], AbstractContextManager[Any]],
     script: str,
 ) -> int:
-    """The body of both ``launch.py`` drop-ins.
+    """:func:`prepare_launch` then :func:`run_launch` (``argv`` default:
+    ``sys.argv[1:]``); errors propagate as exceptions (:func:`command_line` turns the
+    user's into one line)."""
+    prepared = prepare_launch(sys.argv[1:] if argv is None else argv, load_upstream, script)
+    return run_launch(prepared, adapter)
 
-    Splits the ``--regclip_*`` flags off ``argv`` (default ``sys.argv[1:]``), loads the
-    upstream checkout (``load_upstream(options.src)``), and, inside ``adapter(upstream,
-    options)``, runs the ``__main__`` block of upstream's training script with ``sys.argv =
-    [<checkout>/script, *other flags]`` (``script``: the upstream's ``script_path`` when it
-    has one, as with ``--regclip_script``). Returns the exit status: the code of a
-    ``sys.exit`` in upstream's block (absl's ``app.run`` always exits), else 0; a
-    :class:`StopTraining` (``--regclip_max_steps``) ends the run with a message and 0.
-    """
-    options, rest = parse_known_options(sys.argv[1:] if argv is None else argv)
-    if options.script is None:
-        upstream = load_upstream(options.src)
-    elif "script" in inspect.signature(load_upstream).parameters:
-        upstream = load_upstream(options.src, script=options.script)
-    else:
-        raise SystemExit(f"--regclip_script is not an option of this launcher ({script})")
-    script = getattr(upstream, "script_path", script)
-    with adapter(upstream, options):
-        sys.argv = [str(upstream.root / script), *rest]
-        try:
-            run_main_block(upstream.train_module)
-        except StopTraining as stop:
-            print(f"[regclip] {stop}")
-        except SystemExit as done:
-            return int(done.code or 0)
-    return 0
+
+def _one_line(error: Exception) -> str:
+    """A loading error as the one line a user reads."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return (
+            f"the upstream code imports {error.name!r}, which is not installed here: install "
+            "the upstream checkout's own requirements (docs/integrations.md)"
+        )
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def command_line(
+    argv: Sequence[str] | None,
+    load_upstream: Callable[..., Any],
+    adapter: Callable[[Any, RegclipOptions], AbstractContextManager[Any]],
+    script: str,
+) -> int:
+    """The command line of both ``launch.py`` drop-ins: :func:`launch`, except that a
+    mistake found before upstream's script starts (a bad ``--regclip_*`` value, a missing
+    or unsupported checkout, an upstream dependency that is not installed) ends in one
+    line, ``launch.py: error: ...``, exit status 2; ``--help`` lists the ``--regclip_*``
+    options, then upstream's own when a checkout loads."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _options_parser()
+    wants_help = "-h" in args or "--help" in args
+    if wants_help:
+        print(parser.format_help())
+    try:
+        prepared = prepare_launch(args, load_upstream, script)
+    except (ValueError, FileNotFoundError, ImportError, IncompatibleUpstreamError) as error:
+        if wants_help:
+            print(f"upstream's own options are not listed: {_one_line(error)}")
+            return 0
+        parser.error(_one_line(error))
+    return run_launch(prepared, adapter)
 
 
 def transition_std(sigma_t_or_std: Tensor, dt: Tensor) -> Tensor:

@@ -2,11 +2,15 @@
 
 The marks of a test module that runs real upstream code from a checkout named by an
 environment variable: ``pytest -m upstream`` selects it, and it skips, saying what to set,
-when the variable is unset."""
+when the variable is unset, or naming the package, when the checkout imports one that is
+not installed (``pip install -e ".[upstream]"`` installs them)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,26 @@ def upstream_checkout(variable: str, what: str) -> tuple[str | None, list[pytest
     src = os.environ.get(variable)
     reason = f"set {variable}=/path/to/{what} and run `pytest -m upstream`"
     return src, [pytest.mark.upstream, pytest.mark.skipif(not src, reason=reason)]
+
+
+@contextmanager
+def skip_on_missing_dependency(src: str | None) -> Iterator[None]:
+    """Inside, a third-party package that the upstream checkout at ``src`` imports and that
+    is not installed skips the test with its name; a missing module of regclip, of the
+    adapters or of the checkout itself is still an error."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        top = (error.name or "").split(".")[0]
+        own = {"regclip", "integrations"}
+        if src is not None and Path(src).is_dir():
+            own |= {p.stem for p in Path(src).iterdir()}
+        if not top or top in own:
+            raise
+        pytest.skip(
+            f"the upstream checkout imports {top!r}, which is not installed: "
+            "pip install -e '.[upstream]' (docs/integrations.md)"
+        )
 
 
 class NoStep:

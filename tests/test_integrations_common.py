@@ -47,9 +47,47 @@ def test_regclip_flags_are_split_from_upstreams():
     assert parse_known_options([])[0] == RegclipOptions()
 
 
-def test_unknown_preset_is_refused_with_the_choices():
-    with pytest.raises(SystemExit, match="grpo_guard"):
-        parse_known_options(["--regclip_preset", "guard"])
+def _one_line_exit(call, capsys) -> str:
+    """Run ``call()``; assert exit status 2 with one line on stderr and return it."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert ": error: " in lines[0]
+    return lines[0]
+
+
+def test_unknown_preset_is_refused_with_the_choices(capsys):
+    line = _one_line_exit(lambda: parse_known_options(["--regclip_preset", "guard"]), capsys)
+    assert "--regclip_preset" in line and "grpo_guard" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [(["--regclip_clip_range", "abc"], ["--regclip_clip_range", "a positive number", "'abc'"]),
+     (["--regclip_clip_range", "-1"], ["--regclip_clip_range", "'-1'"]),
+     (["--regclip_adv_clip", "nan"], ["--regclip_adv_clip", "'nan'"]),
+     (["--regclip_max_steps", "x"], ["--regclip_max_steps", "an integer >= 0"]),
+     (["--regclip_fused", "maybe"], ["--regclip_fused", "true/false"]),
+     (["--regclip_means_device", "gpu"], ["--regclip_means_device", "'same'"])],
+)  # fmt: skip
+def test_bad_option_values_are_one_readable_line(argv, words, capsys):
+    line = _one_line_exit(lambda: parse_known_options(argv), capsys)
+    assert all(word in line for word in words), line
+    assert "_parse" not in line  # no parser function names
+
+
+def test_option_help_is_each_fields_docstring_in_plain_text():
+    import argparse
+
+    from integrations.common import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions if a.dest.startswith("regclip_")}
+    assert set(helps) == {f"regclip_{name}" for name in RegclipOptions.__dataclass_fields__}
+    assert all(text and "``" not in text and ":data:" not in text for text in helps.values())
 
 
 def test_vanilla_preset_keeps_upstreams_clip_range_and_log_prob_route():
@@ -273,14 +311,50 @@ def test_upstream_adapter_installs_on_enter_and_undoes_on_exit():
     assert Adapter(upstream).options == RegclipOptions()
 
 
-def test_launchers_explain_a_missing_checkout(tmp_path):
+def test_launchers_explain_a_missing_checkout_in_one_line(tmp_path, capsys):
     from integrations.dance_grpo.launch import main as dance_main
     from integrations.flow_grpo.launch import main as flow_main
 
-    with pytest.raises(FileNotFoundError, match="REGCLIP_FLOW_GRPO_SRC"):
-        flow_main(["--regclip_src", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="REGCLIP_DANCEGRPO_SRC"):
-        dance_main(["--regclip_src", str(tmp_path)])
+    missing = str(tmp_path / "missing")
+    assert "REGCLIP_FLOW_GRPO_SRC" in _one_line_exit(
+        lambda: flow_main(["--regclip_src", missing]), capsys
+    )
+    assert "REGCLIP_DANCEGRPO_SRC" in _one_line_exit(
+        lambda: dance_main(["--regclip_src", missing]), capsys
+    )
+
+
+@pytest.mark.parametrize("name", ["flow_grpo", "dance_grpo"])
+def test_launch_script_help_and_errors_outside_a_checkout_have_no_traceback(tmp_path, name):
+    """Run as a user does: ``python integrations/<name>/launch.py ...`` from a folder that is
+    not an upstream checkout."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "integrations" / name / "launch.py"
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(script), *argv], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "--regclip_preset" in shown.stdout and "upstream's own options" in shown.stdout
+    for argv in (["--regclip_src", "/missing"], ["--regclip_clip_range", "abc"]):
+        failed = run(*argv)
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+        assert failed.stderr.startswith("launch.py: error: ")
+
+
+def test_a_missing_upstream_dependency_is_named_in_one_line(capsys):
+    from integrations.common import command_line
+
+    def load(src):
+        raise ModuleNotFoundError("No module named 'einops'", name="einops")
+
+    line = _one_line_exit(lambda: command_line([], load, None, "train.py"), capsys)
+    assert "'einops'" in line and "requirements" in line
 
 
 def test_dance_advantages_follow_train_one_step():
@@ -307,21 +381,26 @@ def test_dance_train_timesteps(steps, fraction, expected):
     )
 
 
-def test_flow_launcher_names_the_scripts_and_commits(tmp_path):
+def test_flow_launcher_names_the_scripts_and_commits(tmp_path, capsys):
     from integrations.dance_grpo.launch import main as dance_main
-    from integrations.flow_grpo.adapter import SCRIPTS, SUPPORTED
+    from integrations.flow_grpo.adapter import SCRIPTS, SUPPORTED, load_upstream
     from integrations.flow_grpo.launch import main as flow_main
 
-    with pytest.raises(SystemExit, match="train_flux"):
-        flow_main(["--regclip_src", str(tmp_path), "--regclip_script", "train_nope"])
-    with pytest.raises(SystemExit, match="not an option of this launcher"):
-        dance_main(["--regclip_src", str(tmp_path), "--regclip_script", "train_flux"])
+    src = ["--regclip_src", str(tmp_path)]
+    assert "train_flux" in _one_line_exit(
+        lambda: flow_main([*src, "--regclip_script", "train_nope"]), capsys
+    )
+    assert "not an option of this launcher" in _one_line_exit(
+        lambda: dance_main([*src, "--regclip_script", "train_flux"]), capsys
+    )
     scripts = tmp_path / "scripts"
     scripts.mkdir()
     (scripts / "train_flux.py").write_text("# a modified script\n")
     with pytest.raises(IncompatibleUpstreamError, match=r"9745241.*train_flux") as error:
-        flow_main(["--regclip_src", str(tmp_path), "--regclip_script", "train_flux"])
+        launch([*src, "--regclip_script", "train_flux"], load_upstream, None, "train.py")
     assert "ac4c86e" in str(error.value) and "REGCLIP_ALLOW_UNTESTED_UPSTREAM" in str(error.value)
+    line = _one_line_exit(lambda: flow_main([*src, "--regclip_script", "train_flux"]), capsys)
+    assert "9745241" in line and "REGCLIP_ALLOW_UNTESTED_UPSTREAM" in line
     assert {"train_sd3", "train_sd3_fast", "train_flux", "train_flux_fast"} <= set(SCRIPTS)
     assert {"train_qwenimage", "train_wan2_1"} <= set(
         SUPPORTED["9745241cf1101407e9b518dd4f10498092150522"]

@@ -11,7 +11,7 @@ import torch
 from integrations.common import IncompatibleUpstreamError, RegclipOptions
 from integrations.standins import install_standins
 
-from _upstream import upstream_checkout
+from _upstream import skip_on_missing_dependency, upstream_checkout
 
 SRC, pytestmark = upstream_checkout("REGCLIP_DANCEGRPO_SRC", "DanceGRPO checkout")
 
@@ -23,7 +23,8 @@ def up():
     install_standins(STANDINS)
     from integrations.dance_grpo.adapter import load_upstream
 
-    return load_upstream(SRC)
+    with skip_on_missing_dependency(SRC):
+        return load_upstream(SRC)
 
 
 @pytest.mark.parametrize("eta", [0.3, 0.7])

@@ -18,7 +18,7 @@ import torch
 from integrations.common import RegclipOptions
 from integrations.standins import install_standins
 
-from _upstream import NoStep, rel_error, take_grads, upstream_checkout
+from _upstream import NoStep, rel_error, skip_on_missing_dependency, take_grads, upstream_checkout
 
 SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
@@ -30,7 +30,8 @@ def up():
     install_standins(["absl", "ml_collections", "wandb"])
     from integrations.flow_grpo.adapter import load_upstream
 
-    return load_upstream(SRC)
+    with skip_on_missing_dependency(SRC):
+        return load_upstream(SRC)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from integrations.common import RegclipOptions
 from integrations.standins import install_standins
 
 import regclip
-from _upstream import NoStep, rel_error, upstream_checkout
+from _upstream import NoStep, rel_error, skip_on_missing_dependency, upstream_checkout
 
 SRC, pytestmark = upstream_checkout("REGCLIP_FLOW_GRPO_SRC", "flow_grpo checkout (9745241)")
 
@@ -48,7 +48,8 @@ def _upstream(script: str) -> Any:
     assert SRC is not None
     if not (Path(SRC) / "scripts" / f"{script}.py").is_file():
         pytest.skip(f"scripts/{script}.py is not in this checkout: it needs Flow-GRPO 9745241")
-    up = load_upstream(SRC, script)
+    with skip_on_missing_dependency(SRC):
+        up = load_upstream(SRC, script)
     assert up.commit == FLOW_GRPO_COMMIT_9745241 or script == "train_sd3"  # also at ac4c86e
     assert up.commit is not None
     return up

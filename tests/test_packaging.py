@@ -42,19 +42,34 @@ def test_core_dependencies_are_torch_jaxtyping_beartype() -> None:
     assert names == ["beartype", "jaxtyping", "torch"]
 
 
-def test_test_extra_installs_demo_and_train() -> None:
+def _test_files_importing(package: str) -> list[str]:
+    """The test and benchmark files that import ``package``."""
+    files = [*(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("test_*.py")]
+    pattern = (f"import {package}", f"from {package}")
+    return sorted(p.name for p in files if any(s in p.read_text() for s in pattern))
+
+
+def test_test_extra_is_the_suite_runner_and_what_the_trainer_tests_need() -> None:
     extras = _project()["optional-dependencies"]
-    assert any(d.startswith("regclip[") and "demo" in d and "train" in d for d in extras["test"])
+    names = sorted(d.split(">")[0].split("[")[0] for d in extras["test"])
+    assert names == ["hypothesis", "pytest", "pytest-benchmark", "regclip"]
+    assert "regclip[train]" in extras["test"]  # the trainer tests drive diffusers + peft
+    assert _test_files_importing("matplotlib") == []  # so `demo` is not needed
+    assert not any(d.startswith(("ruff", "mypy", "triton")) for d in extras["test"])
     assert any(d.startswith("diffusers>=") and "<" in d for d in extras["train"])
     assert any(d.startswith("triton") for d in extras["fused"])
+    assert {"regclip[test]", "ruff>=0.6", "mypy>=1.11"} <= set(extras["dev"])
 
 
-def test_einops_is_neither_declared_nor_imported() -> None:
+def test_einops_is_only_in_the_upstream_extra_and_never_imported() -> None:
     project = _project()
+    extras = project["optional-dependencies"]
     declared = list(project["dependencies"])
-    for extra in project["optional-dependencies"].values():
-        declared += extra
+    for name, extra in extras.items():
+        if name != "upstream":
+            declared += extra
     assert not any(d.startswith("einops") for d in declared)
+    assert "einops" in extras["upstream"] and "regclip[test]" in extras["upstream"]
     sources = (ROOT / "src").rglob("*.py")
     assert not any(
         "import einops" in p.read_text() or "from einops" in p.read_text() for p in sources

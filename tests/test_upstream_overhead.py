@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _upstream import upstream_checkout
+from _upstream import skip_on_missing_dependency, upstream_checkout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import upstream_overhead
@@ -64,10 +64,11 @@ def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path: Path) -> None:
     if not (Path(SRC) / "scripts" / "train_flux.py").is_file():
         pytest.skip("the benchmark drives train_flux.py: it needs Flow-GRPO 9745241")
     out = tmp_path / "overhead.json"
-    code = upstream_overhead.main(
-        ["--tiny", "--device", "cpu", "--repeats", "1", "--pairs", "3", "--src", SRC,
-         "--out", str(out)]
-    )  # fmt: skip
+    with skip_on_missing_dependency(SRC):
+        code = upstream_overhead.main(
+            ["--tiny", "--device", "cpu", "--repeats", "1", "--pairs", "3", "--src", SRC,
+             "--out", str(out)]
+        )  # fmt: skip
     report = json.loads(out.read_text())
     assert code == 0, report
     assert report["tiny"] and report["gpu"] is None and set(report["archs"]) == {"sd3", "flux"}

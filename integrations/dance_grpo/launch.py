@@ -19,12 +19,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `integrations` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from integrations.common import launch
+from integrations.common import command_line
 from integrations.dance_grpo.adapter import DanceGRPOAdapter, load_upstream
 
 
 def main(argv: list[str] | None = None) -> int:
-    return launch(argv, load_upstream, DanceGRPOAdapter, "fastvideo/train_grpo_flux.py")
+    return command_line(argv, load_upstream, DanceGRPOAdapter, "fastvideo/train_grpo_flux.py")
 
 
 if __name__ == "__main__":

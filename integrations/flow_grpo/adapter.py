@@ -280,7 +280,7 @@ def load_upstream(src: str | Path | None = None, script: str = "train_sd3") -> U
     working directory) and its ``scripts/<script>.py``, and check that the adapter supports
     them (module docstring)."""
     if script not in SCRIPTS:
-        raise SystemExit(
+        raise ValueError(
             f"--regclip_script {script!r} is not supported; choose one of {sorted(SCRIPTS)}"
         )
     root = Path(src or os.environ.get(SRC_ENV) or os.getcwd()).resolve()

@@ -22,12 +22,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `integrations` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from integrations.common import launch
+from integrations.common import command_line
 from integrations.flow_grpo.adapter import FlowGRPOAdapter, load_upstream
 
 
 def main(argv: list[str] | None = None) -> int:
-    return launch(argv, load_upstream, FlowGRPOAdapter, "scripts/train_sd3.py")
+    return command_line(argv, load_upstream, FlowGRPOAdapter, "scripts/train_sd3.py")
 
 
 if __name__ == "__main__":

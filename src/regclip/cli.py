@@ -8,10 +8,13 @@ dependencies are missing ends in one line naming the extra to install.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
+
+from . import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": (
@@ -57,6 +60,7 @@ def _missing_extra(error: ModuleNotFoundError) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(prog="regclip", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"regclip {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen: argparse.ArgumentParser | None = None
     for name, (module_name, extra, help_text) in SUBCOMMANDS.items():
@@ -71,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise
                 _extra_error(sub_parser, extra, package)
             sub_parser.set_defaults(_module=module_name, _extra=extra, _parser=sub_parser)
-    args = parser.parse_args(args_list)
+    args, unknown = parser.parse_known_args(args_list)
     assert chosen is not None
+    if unknown:
+        chosen.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(chosen, unknown)}")
     try:
         return int(importlib.import_module(args._module).run(args))
     except ModuleNotFoundError as error:
@@ -80,6 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if package is None:
             raise
         _extra_error(chosen, args._extra, package)
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """``"; did you mean --flag?"`` for the first unknown flag close to one of ``parser``'s."""
+    flag = next((a.split("=")[0] for a in unknown if a.startswith("--")), None)
+    close = (
+        difflib.get_close_matches(flag, list(parser._option_string_actions), n=1) if flag else []
+    )
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _extra_error(parser: argparse.ArgumentParser, extra: str, package: str) -> NoReturn:

@@ -15,16 +15,20 @@ config file ends in one line, ``regclip train: error: --flag: ...``, and exit st
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
-from collections.abc import Callable
-from dataclasses import Field, fields
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import Field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .checkpoint import CHECKPOINTS, Checkpoint, check_config, find_checkpoint
 from .config import ConfigError, Range, TrainConfig
 
-__all__ = ["add_arguments", "config_from_args", "run"]
+__all__ = ["add_arguments", "check_before_building", "config_from_args", "run"]
 
 DESCRIPTION = (
     "GRPO fine-tuning of a diffusers SD3 / Flux transformer with a regclip loss. Flags "
@@ -93,8 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny random-weight model of --arch: rollout + one update on the CPU, written "
-        "to runs/smoke/<arch> unless --output-dir is given",
+        help="tiny random-weight model of --arch on random prompts: rollout + one update on "
+        "the CPU, written to runs/smoke/<arch> (or the next free runs/smoke/<arch>-N) unless "
+        "--output-dir is given; of a --config file only its arch is used",
     )
     defaults = TrainConfig()
     for f in fields(TrainConfig):
@@ -155,9 +160,82 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-def _check_device(device: str) -> None:
+def _check_smoke_flags(args: argparse.Namespace) -> None:
+    """``--smoke`` trains on random prompts and weights: refuse the flags it would ignore."""
+    if not args.smoke:
+        return
+    for name in ("pretrained", "prompts", "embeddings"):
+        if getattr(args, name, None) is not None:
+            raise ConfigError(
+                name,
+                "is ignored by --smoke, which trains a tiny random model on random prompts: "
+                "drop --smoke to train on it",
+            )
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    """What the run trains and on which prompts exists on disk."""
+    if config.transformer_config is None and config.pretrained is None:
+        raise ConfigError(
+            "pretrained",
+            "is not set: give --pretrained DIR (a diffusers pipeline folder) or --config FILE "
+            "(docs/training.md); `regclip train --smoke` checks the install on a CPU",
+        )
+    if config.pretrained is not None:
+        root = Path(config.pretrained)
+        if not root.is_dir():
+            raise ConfigError(
+                "pretrained",
+                f"{root} is not a folder: download the diffusers pipeline first, e.g. "
+                f"`huggingface-cli download stabilityai/stable-diffusion-3.5-medium "
+                f"--local-dir {root}`",
+            )
+        needed = ["transformer"] if config.transformer_config is None else []
+        needed += ["vae"] if config.vae == "pretrained" else []
+        for sub in needed:
+            if not (root / sub).is_dir():
+                raise ConfigError(
+                    "pretrained", f"{root} has no {sub}/ folder: is it a diffusers pipeline?"
+                )
+    if config.random_prompts > 0:
+        return
+    if config.embeddings is not None and Path(config.embeddings).is_file():
+        return
+    if config.prompts is None or config.pretrained is None:
+        raise ConfigError(
+            "prompts",
+            "are missing: give --embeddings (an existing file), or --prompts and --pretrained "
+            "to encode them, or --random-prompts N",
+        )
+    if not Path(config.prompts).is_file():
+        raise ConfigError("prompts", f"{config.prompts} is not a file")
+
+
+def _check_reward(name: str) -> None:
+    """A ``module:function`` reward imports and is callable (the built-in names are
+    checked by :class:`TrainConfig`)."""
+    if ":" not in name:
+        return
+    module_name, attr = name.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's module: any error on import is theirs
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError("reward", f"cannot import {module_name!r}: {reason}") from None
+    if not callable(getattr(module, attr, None)):
+        raise ConfigError("reward", f"{module_name!r} has no function {attr!r}")
+
+
+def _check_device(device: str | None) -> None:
     import torch
 
+    if device is None and not torch.cuda.is_available():
+        raise ConfigError(
+            "device",
+            "is not set and this machine has no CUDA GPU: pass --device cpu to train on the "
+            "CPU (slow), or run `regclip train --smoke` to check the install",
+        )
+    device = device or "cuda"
     try:
         parsed = torch.device(device)
     except RuntimeError:
@@ -170,6 +248,34 @@ def _check_device(device: str) -> None:
         )
 
 
+def _chose_output_dir(args: argparse.Namespace, config: TrainConfig) -> bool:
+    """Whether the user named the output folder (a flag, or a config file's own value)."""
+    if getattr(args, "output_dir", None) is not None:
+        return True
+    default = TrainConfig.smoke(config.arch) if args.smoke else TrainConfig()
+    return config.output_dir != default.output_dir
+
+
+def _fresh_output_dir(args: argparse.Namespace, config: TrainConfig) -> TrainConfig:
+    """A new run writes into an empty folder. A non-empty one is refused when the user
+    named it; the default folder moves on to the first free ``<folder>-N``."""
+    folder = Path(config.output_dir)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return config
+    if _chose_output_dir(args, config):
+        raise ConfigError(
+            "output_dir",
+            f"{folder} is not empty (it holds an earlier run): continue that run with "
+            "--resume latest, or choose another --output-dir",
+        )
+    n = 2
+    while (candidate := folder.with_name(f"{folder.name}-{n}")).is_dir() and any(
+        candidate.iterdir()
+    ):
+        n += 1
+    return replace(config, output_dir=str(candidate))
+
+
 def _check_output_dir(path: str) -> None:
     """The output folder exists (or can be made) and is writable."""
     folder = Path(path)
@@ -179,6 +285,62 @@ def _check_output_dir(path: str) -> None:
         raise ConfigError("output_dir", f"cannot be created: {error.strerror}: {path}") from None
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError("output_dir", f"is not a writable folder: {path}")
+
+
+def _resume_point(config: TrainConfig) -> Checkpoint | None:
+    """The checkpoint ``--resume`` names, checked against ``config``."""
+    if config.resume is None:
+        return None
+    found = find_checkpoint(config.resume, config.output_dir)
+    check_config(found, config)
+    if config.iterations <= found.iteration:
+        raise ConfigError(
+            "iterations",
+            f"is {config.iterations}, but the checkpoint {found.path} is already at iteration "
+            f"{found.iteration}: raise it to train further",
+        )
+    return found
+
+
+def check_before_building(
+    args: argparse.Namespace, config: TrainConfig
+) -> tuple[TrainConfig, Checkpoint | None]:
+    """Every check that needs no model, in the order a user meets them; returns the config
+    (its output folder moved on when the default one is taken) and the checkpoint to resume
+    from. Raises :class:`ConfigError` naming the field."""
+    _check_smoke_flags(args)
+    _check_inputs(config)
+    _check_device(config.device)
+    config.check_batches(int(os.environ.get("WORLD_SIZE", "1")))
+    _check_reward(config.reward)
+    checkpoint = _resume_point(config)
+    if checkpoint is None:
+        config = _fresh_output_dir(args, config)
+    _check_output_dir(config.output_dir)
+    return config, checkpoint
+
+
+@contextmanager
+def _quiet_library_logs(quiet: bool) -> Iterator[None]:
+    """With ``quiet`` (smoke runs), diffusers' and transformers' own log warnings, about
+    the tiny random models' dtype casts and a missing torchvision that training never
+    needs, are hidden for the duration; their verbosity is restored after."""
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [
+        (module, module.get_verbosity()) for module in (diffusers_logging, transformers_logging)
+    ]
+    for module, _ in saved:
+        module.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for module, level in saved:
+            module.set_verbosity(level)
 
 
 def _fail(parser: argparse.ArgumentParser, error: Exception) -> NoReturn:
@@ -196,23 +358,32 @@ def run(args: argparse.Namespace) -> int:
 
         parser = OneLineParser(prog="regclip train")
     try:
-        config = config_from_args(args)
-        _check_device(config.device or "cuda")
-        _check_output_dir(config.output_dir)
+        config, checkpoint = check_before_building(args, config_from_args(args))
     except (ValueError, OSError) as error:  # a user's flag or config file
         _fail(parser, error)
     from .build import build_components
     from .trainer import GRPOTrainer
 
-    try:
-        components = build_components(config, device=config.device or "cuda")
-    except (ValueError, FileNotFoundError) as error:  # missing weights, prompts, reward...
-        _fail(parser, error)
-    trainer = GRPOTrainer(config, components)
-    if config.resume:
-        trainer.load_checkpoint(config.resume)
-    history = trainer.fit()
-    if trainer.accelerator.is_main_process and history:
+    with _quiet_library_logs(args.smoke):
+        try:
+            components = build_components(config, device=config.device or "cuda")
+        except (ValueError, FileNotFoundError) as error:  # an unreadable embeddings file...
+            _fail(parser, error)
+        trainer = GRPOTrainer(config, components)
+        main = trainer.accelerator.is_main_process
+        if checkpoint is not None:
+            for line in checkpoint.skipped if main else ():
+                print(f"{parser.prog}: warning: {line}", file=sys.stderr)
+            trainer.restore(checkpoint.state)
+        history = trainer.fit()
+    if main and history:
         last = {k: v for k, v in history[-1].items() if not isinstance(v, dict)}
         print(json.dumps(last, indent=1, sort_keys=True))
+    if main:
+        out = Path(config.output_dir)
+        print(
+            f"{parser.prog}: wrote {out / 'metrics.jsonl'} and checkpoints under "
+            f"{out / CHECKPOINTS}",
+            file=sys.stderr,
+        )
     return 0

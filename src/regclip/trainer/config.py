@@ -10,7 +10,9 @@ lr 3e-4, ``global_std``); :meth:`TrainConfig.smoke` is the tiny CPU configuratio
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,6 +35,11 @@ config and ``--help`` need no diffusers)."""
 REWARD_NAMES: tuple[str, ...] = ("jpeg_compressibility", "colorfulness", "latent_std")
 """The built-in rewards of :data:`regclip.trainer.rewards.REWARDS`."""
 SDE_NAMES: tuple[str, ...] = ("flow", "dance", "cps")
+VAE_FACTORS: dict[str, int] = {"pretrained": 8, "tiny": 2, "none": 8}
+"""Pixels per latent cell for each ``vae`` choice: SD3's and Flux's VAEs downsample by 8,
+the smoke runs' tiny VAE by 2; without a VAE the latents keep the real VAEs' shape."""
+PATCH = 2
+"""Latent cells per transformer patch side (SD3's ``patch_size``; Flux packs 2 x 2)."""
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = (
     "attn.to_q",
@@ -79,6 +86,40 @@ class Range:
         return "must be " + " and ".join(parts)
 
 
+def _typed(name: str, annotation: str, value: Any) -> Any:
+    """``value`` as field ``name`` of type ``annotation`` holds it (an integer for a float
+    field becomes a float, a tuple for a list field a list); a :class:`ConfigError` when it
+    has the wrong type, e.g. a string from a mistyped TOML value."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if annotation.startswith("list["):
+        item = int if annotation.startswith("list[int]") else str
+        if isinstance(value, list) and all(_is(v, item) for v in value):
+            return value
+        expected = "a list of integers" if item is int else "a list of strings"
+    elif annotation.startswith("str | dict"):
+        if isinstance(value, (str, dict)):
+            return value
+        expected = "a string or a table"
+    else:
+        kind = {"bool": bool, "int": int, "float": float}.get(annotation.split(" ")[0], str)
+        if kind is float and _is(value, int):
+            value = float(value)
+        if _is(value, kind):
+            if kind is float and not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
+            return value
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            kind, "a string"
+        )
+    raise ConfigError(name, f"must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _is(value: Any, kind: type) -> bool:
+    """``isinstance`` where a bool is not an integer."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
 AT_LEAST_1 = Range(1)
 AT_LEAST_0 = Range(0)
 POSITIVE = Range(0, low_open=True)
@@ -107,7 +148,8 @@ class TrainConfig:
     vae: str | None = _field(
         "pretrained",
         "'pretrained' (from --pretrained), 'tiny' (random, smoke runs) or 'none': the reward "
-        "then sees the final latents instead of images",
+        "then sees the final latents instead of images (null: as 'none')",
+        choices=tuple(VAE_FACTORS),
     )
     # prompts
     embeddings: str | None = _field(
@@ -123,7 +165,10 @@ class TrainConfig:
         range=AT_LEAST_0,
     )  # fmt: skip
     # sampling
-    resolution: int = _field(512, "image height and width in pixels", range=Range(16))
+    resolution: int = _field(
+        512, "image height and width in pixels; a multiple of 16 (of 4 with --vae tiny)",
+        range=Range(16),
+    )  # fmt: skip
     num_steps: int = _field(10, "sampling steps per image", range=Range(2))
     sde_steps: list[int] | None = _field(
         None, "indices of the stochastic (trained) steps, 0 = first; default all but the last"
@@ -237,7 +282,11 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
+                if "None" not in str(f.type):
+                    raise ConfigError(f.name, "must be set, got null")
                 continue
+            value = _typed(f.name, str(f.type), value)
+            setattr(self, f.name, value)
             choices, bounds = f.metadata["choices"], f.metadata["range"]
             if choices is not None and value not in choices:
                 raise ConfigError(f.name, f"must be one of {', '.join(choices)}, got {value!r}")
@@ -256,6 +305,20 @@ class TrainConfig:
                     "sde_steps",
                     f"must list step indices in [0, {self.num_steps - 1}], got {self.sde_steps}",
                 )
+        vae = self.vae or "none"
+        multiple = VAE_FACTORS[vae] * PATCH
+        if self.resolution % multiple:
+            raise ConfigError(
+                "resolution",
+                f"must be a multiple of {multiple} (VAE factor {VAE_FACTORS[vae]} of "
+                f"--vae {vae} x patch {PATCH}), got {self.resolution}",
+            )
+        if self.kl_coef > 0 and self.full_finetune:
+            raise ConfigError(
+                "kl_coef",
+                f"is {self.kl_coef}, but the KL's reference is the adapter-free base model, "
+                "which --full-finetune does not keep: train a LoRA or set --kl-coef 0",
+            )
         if isinstance(self.transformer_config, str) and self.transformer_config not in (
             "tiny",
             "full",
@@ -265,15 +328,31 @@ class TrainConfig:
                 f"{self.transformer_config!r}",
             )  # fmt: skip
 
+    def check_batches(self, world_size: int) -> None:
+        """The samples of an iteration, ``prompts_per_iteration * group_size``, must split
+        into ``world_size`` ranks x whole batches of ``batch_size`` x
+        ``accumulate_batches``; raises a :class:`ConfigError` on ``batch_size`` otherwise."""
+        samples = self.prompts_per_iteration * self.group_size
+        unit = world_size * self.batch_size * self.accumulate_batches
+        if samples % unit:
+            raise ConfigError(
+                "batch_size",
+                f"is {self.batch_size}, but prompts_per_iteration x group_size = {samples} "
+                f"samples do not split into {world_size} rank(s) x batches of "
+                f"{self.batch_size} x accumulate_batches {self.accumulate_batches} = {unit}",
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(unknown[0], f"is not a config key (unknown keys: {unknown})")
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ConfigError(unknown[0], f"is not a config key{hint} (unknown keys: {unknown})")
         return cls(**data)
 
     @classmethod

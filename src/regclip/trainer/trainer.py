@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,13 @@ from ..ratio import BatchRatioNorm
 from ..reweight import BatchInverseDtWeight
 from .arch import Guidance, model_config
 from .build import Components, dtype_from_name
+from .checkpoint import (
+    CHECKPOINTS,
+    check_config,
+    find_checkpoint,
+    trim_metrics,
+    write_checkpoint,
+)
 from .config import TrainConfig
 from .rollout import Rollout, SamplerConfig, recompute_transitions, sample_rollout
 
@@ -67,8 +75,6 @@ __all__ = [
     "select_trainable",
     "timestep_chunks",
 ]
-
-STATE_FILE = "trainer_state.pt"
 
 
 def build_kernel(sde: str, eta: float | None, sigmas: Tensor) -> TransitionKernel:
@@ -529,14 +535,14 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoints" / f"iter_{self.iteration:06d}"
+        return self.output_dir / CHECKPOINTS / f"iter_{self.iteration:06d}"
 
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:
-        """Trainable weights, optimizer, EMA and iteration to ``directory/trainer_state.pt``
-        (plus the LoRA adapter in diffusers format under ``directory/lora``)."""
+        """Trainable weights, optimizer, EMA, iteration and config to
+        ``directory/trainer_state.pt`` (plus the LoRA adapter in diffusers format under
+        ``directory/lora``), written atomically (:func:`.checkpoint.write_checkpoint`)."""
         path = Path(directory) if directory is not None else self.checkpoint_dir()
         if self.accelerator.is_main_process:
-            path.mkdir(parents=True, exist_ok=True)
             model = self.unwrapped
             state = {
                 "trainable": {
@@ -547,21 +553,27 @@ class GRPOTrainer:
                 "iteration": self.iteration,
                 "config": self.config.to_dict(),
             }
-            torch.save(state, path / STATE_FILE)
-            if self.lora:
-                model.save_lora_adapter(path / "lora")  # type: ignore[operator]
+
+            def write_lora(folder: Path) -> None:
+                model.save_lora_adapter(folder / "lora")  # type: ignore[operator]
+
+            write_checkpoint(path, state, write_lora if self.lora else None)
         self.accelerator.wait_for_everyone()
         return path
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        """Restore a :meth:`save_checkpoint` directory (``"latest"``: newest in output_dir)."""
-        path = Path(directory)
-        if str(directory) == "latest":
-            candidates = sorted((self.output_dir / "checkpoints").glob("iter_*"))
-            if not candidates:
-                raise FileNotFoundError(f"no checkpoints under {self.output_dir / 'checkpoints'}")
-            path = candidates[-1]
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        """Resume from a :meth:`save_checkpoint` folder, or ``"latest"``: the newest readable
+        one in output_dir (newer unreadable ones are skipped with a warning). Refuses a
+        checkpoint whose config differs from this run's (:func:`.checkpoint.check_config`)."""
+        found = find_checkpoint(directory, self.output_dir)
+        for line in found.skipped:
+            warnings.warn(line, stacklevel=2)
+        check_config(found, self.config)
+        self.restore(found.state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's state (:attr:`.checkpoint.Checkpoint.state`) and drop the
+        metrics logged after it."""
         params = dict(self.unwrapped.named_parameters())
         missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
         if missing:
@@ -576,3 +588,5 @@ class GRPOTrainer:
             self.ema.load_state_dict(state["ema"])
             self.ema.to(self.device)
         self.iteration = int(state["iteration"])
+        if self.accelerator.is_main_process:
+            trim_metrics(self.output_dir / "metrics.jsonl", self.iteration)
