@@ -1,19 +1,20 @@
 """The frontier experiment on one GPU: many worker processes share it, each an ensemble.
 
-    python benchmarks/frontier_gpu.py --plan explore --out OUT
-    python benchmarks/frontier_gpu.py --plan confirm --out OUT
+    python benchmarks/frontier_gpu.py --out OUT [--exploration-only]
+
+The pre-registered experiment of ``docs/results/preregistration.md``, in one call:
 
 1. Pretrains every latent size's generators in parallel processes (or loads them from
    ``$REGCLIP_CACHE``), one generator per replicate seed.
-2. Fits each replicate's rater and calibrates every method's base clip range per latent size
-   and kernel, once (the probe rollout uses the plan's first replicate).
-3. Runs the plan's shards (runs that share a kernel, passes, lr and size) as worker
-   processes (``--worker`` mode of this script), all at once, each with its time limit.
-4. Merges the workers' ``frontier.json`` files into ``OUT/frontier.json``.
-
-``explore`` runs on exploration replicates and chose the learning rate, the iterations, the
-proxy levels and the grids. ``confirm`` runs the pre-registered plan of
-``docs/results/preregistration.md`` on the confirmation replicates, once.
+2. Calibrates every method's base clip range per latent size and kernel, once, on a probe
+   rollout of the first exploration replicate.
+3. Exploration wave: the shards of :func:`exploration_shards` on the exploration replicates,
+   all at once as worker processes (``--worker`` mode of this script), each with its time
+   limit.
+4. :func:`regclip.demo.analysis.decide` turns the exploration runs into the proxy levels
+   and each method's selected setting (``OUT/decisions.json``).
+5. Confirmation wave: :func:`confirmation_shards` on the confirmation replicates.
+6. Merges every worker's ``frontier.json`` into ``OUT/frontier.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from regclip.demo.analysis import decide
 from regclip.demo.arms import RunSpec
 from regclip.demo.config import CLIP_GRID, PRESET_BUDGETS, DemoConfig
 from regclip.demo.engine import calibrate
@@ -55,68 +57,82 @@ def _grid(methods, scales, seeds, option=None, passes=4):
     return [RunSpec(m, s, passes, seed, option) for m in methods for s in scales for seed in seeds]
 
 
-def _other_arms(cfg: DemoConfig, seeds, suffix: str = "") -> list[RunSpec]:
-    """adaptive_guard at its targets, flow_grpo_kl at its coefficients, kl_mask over its
-    bounds."""
-    runs = [
-        RunSpec(f"adaptive_guard{suffix}", None, 4, s, t)
-        for t in cfg.adaptive_targets
-        for s in seeds
-    ]
-    if not suffix:
-        runs += [RunSpec("flow_grpo_kl", 1.0, 4, s, c) for c in cfg.kl_coefs for s in seeds]
-    runs += _grid((f"kl_mask{suffix}",), cfg.kl_bounds, seeds)
-    return runs
+def _other_arms(cfg: DemoConfig, seeds) -> list[RunSpec]:
+    """adaptive_guard at its targets, flow_grpo_kl at its coefficients (at the calibrated
+    clip), kl_mask over its bounds; Flow-SDE, 4 passes."""
+    runs = [RunSpec("adaptive_guard", None, 4, s, t) for t in cfg.adaptive_targets for s in seeds]
+    runs += [RunSpec("flow_grpo_kl", 1.0, 4, s, c) for c in cfg.kl_coefs for s in seeds]
+    return runs + _grid(("kl_mask",), cfg.kl_bounds, seeds)
 
 
 Shard = tuple[dict[str, Any], list[RunSpec]]
-"""A worker: config overrides (``size`` selects the latent size, ``wave`` the group of
-workers it runs beside, default 0; the rest are :class:`DemoConfig` fields) and its runs.
-Waves run one after the other, so each fits the GPU's memory."""
+"""A worker: config overrides (``size`` selects the latent size; the rest are
+:class:`DemoConfig` fields) and its runs."""
 
 EXPLORE_SEEDS = (100, 101, 102)
-"""Exploration replicates (tuning only)."""
+"""Exploration replicates: they set the proxy levels and select each method's setting."""
 
-EXPLORE = dataclasses.replace(
+CONFIRM_SEEDS = tuple(range(200, 208))
+"""Confirmation replicates: run once, after the pre-registration was committed."""
+
+PRE = dataclasses.replace(
     GPU,
+    group_size=8,
     iterations=40,
     lr=1e-4,
-    eval_samples=64,
+    eval_samples=48,
     clip_scales=CLIP_GRID,
     kl_bounds=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 4.0),
     kl_coefs=(0.02, 0.1),
     adaptive_targets=(0.05, 0.15, 0.3),
-    phase="exploration",
 )
+"""The pre-registered configuration: D = 4096 (image side 64) unless a shard says otherwise,
+2 groups of 8 per rollout, lr 1e-4, at most 40 iterations, evaluation every iteration."""
+
+ONE_PASS_LRS = (1.0, 4.0)
+"""Learning-rate multiples of the one-pass runs: with one pass the ratio is 1 and clipping
+never acts, so the learning rate is the knob that sets their speed."""
 
 
-def plan_explore() -> tuple[DemoConfig, list[Shard]]:
-    """Exploration, one wave: generator quality at three latent sizes; vanilla and GRPO-Guard
-    over the clip grid at D = 4096 on three replicates; on one replicate, every other arm,
-    lr 3e-4, 1 and 16 passes, Dance-SDE and the other latent sizes."""
-    seeds = EXPLORE_SEEDS
-    cfg = EXPLORE
-    one = seeds[:1]
-    shards: list[Shard] = [
-        ({"size": 64}, _grid(PAIR, CLIP_GRID, seeds)),
-        ({"size": 64, "lr": 3e-4}, _grid(PAIR, CLIP_GRID, one)),
-        ({"size": 64}, _grid(CLIPPED[2:], CLIP_GRID, one) + _other_arms(cfg, one)),
-        ({"size": 64}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), one, passes=16)),
-        ({"size": 64}, _grid(PAIR, (1.0,), one, passes=1)),
-        ({"size": 64, "lr": 4e-4}, _grid(PAIR, (1.0,), one, passes=1)),
-        ({"size": 64}, _grid(("flow_grpo_dance", "grpo_guard_dance"), CLIP_GRID, one)),
-        ({"size": 32}, _grid(PAIR, CLIP_GRID, one)),
-        ({"size": 128}, _grid(PAIR, CLIP_GRID, one)),
+def exploration_shards(seeds: tuple[int, ...] = EXPLORE_SEEDS) -> list[Shard]:
+    """Every arm at D = 4096 (Flow-SDE, 4 passes); vanilla and GRPO-Guard over the clip grid
+    on Dance-SDE and at D = 1024 and 16384."""
+    cfg = PRE
+    dance = ("flow_grpo_dance", "grpo_guard_dance")
+    return [
+        ({"size": 64}, _grid(CLIPPED, CLIP_GRID, seeds)),
+        ({"size": 64}, _other_arms(cfg, seeds) + _grid(dance, CLIP_GRID, seeds)),
+        ({"size": 32}, _grid(PAIR, CLIP_GRID, seeds)),
+        ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds)),
     ]
-    return cfg, shards
 
 
-PLANS = {"explore": plan_explore}
+def confirmation_shards(seeds: tuple[int, ...] = CONFIRM_SEEDS) -> list[Shard]:
+    """The confirmation: every arm at D = 4096; 1 and 16 passes; Dance-SDE; vanilla and
+    GRPO-Guard over the clip grid at D = 1024 and 16384."""
+    cfg = PRE
+    dance = ("flow_grpo_dance", "grpo_guard_dance")
+    half = len(seeds) // 2
+    return [
+        ({"size": 64}, _grid(PAIR, CLIP_GRID, seeds)),
+        ({"size": 64}, _grid(CLIPPED[2:], CLIP_GRID, seeds)),
+        ({"size": 64}, _other_arms(cfg, seeds)),
+        ({"size": 64}, _grid(dance, CLIP_GRID, seeds)),
+        ({"size": 64}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), seeds[:half], passes=16)),
+        ({"size": 64}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), seeds[half:], passes=16)),
+        *[
+            ({"size": 64, "lr": cfg.lr * m}, _grid(PAIR, (1.0,), seeds, passes=1))
+            for m in ONE_PASS_LRS
+        ],
+        ({"size": 32}, _grid(PAIR, CLIP_GRID, seeds)),
+        ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds[:half])),
+        ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds[half:])),
+    ]
 
 
 def _config(base: DemoConfig, overrides: dict[str, Any]) -> DemoConfig:
     size = overrides.get("size", base.size)
-    fields = {k: v for k, v in overrides.items() if k not in ("size", "wave")}
+    fields = {k: v for k, v in overrides.items() if k != "size"}
     return dataclasses.replace(base, **SIZES.get(size, {}), **fields)
 
 
@@ -141,9 +157,32 @@ def _spawn(job: dict[str, Any], out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", str(path)])
 
 
+def _run_wave(
+    cfg: DemoConfig,
+    shards: list[Shard],
+    bases: dict[int, dict[str, float]],
+    out: Path,
+    tag: str,
+    levels: dict[str, list[float]],
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Run ``shards`` at once as worker processes; their exit codes and results."""
+    procs, parts = [], []
+    for index, (overrides, runs) in enumerate(shards):
+        scfg = _config(cfg, overrides)
+        scfg = dataclasses.replace(scfg, levels=tuple(levels.get(str(scfg.size), ())))
+        part = out / f"{tag}{index}"
+        job = {"config": scfg.to_json(), "bases": bases[scfg.size],
+               "runs": [dataclasses.asdict(r) for r in runs]}  # fmt: skip
+        procs.append(_spawn(job, part))
+        parts.append(part)
+    codes = [p.wait() for p in procs]
+    results = [json.loads((p / "frontier.json").read_text()) for p in parts
+               if (p / "frontier.json").exists()]  # fmt: skip
+    return codes, results
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plan", choices=sorted(PLANS))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--worker", type=Path, help="(internal) a worker's job file")
     parser.add_argument(
@@ -152,20 +191,28 @@ def main() -> int:
         default="gpu",
         help="config the plan runs on (tiny: a CPU check of this script)",
     )
-    parser.add_argument("--time-limit", type=float, default=170.0, help="seconds per worker")
+    parser.add_argument("--explore-time", type=float, default=90.0, help="seconds per worker")
+    parser.add_argument("--confirm-time", type=float, default=300.0, help="seconds per worker")
+    parser.add_argument(
+        "--exploration-only", action="store_true", help="stop after the exploration wave"
+    )
     args = parser.parse_args()
     if args.worker:
         return _worker(args.worker, args.out)
-    cfg, shards = PLANS[args.plan]()
-    cfg = dataclasses.replace(cfg, time_limit=args.time_limit)
-    if args.budget != "gpu":  # a CPU check: the tiny network on every shard
+    cfg = PRE
+    explore, confirm = exploration_shards(), confirmation_shards()
+    if args.budget != "gpu":  # a CPU check: the tiny network, two runs a shard
         cfg = dataclasses.replace(cfg, **PRESET_BUDGETS[args.budget], device="cpu")
-        shards = [({k: v for k, v in o.items() if k != "size"}, r[:2]) for o, r in shards]
+        explore = [({k: v for k, v in o.items() if k != "size"}, r[:2]) for o, r in explore]
+        confirm = [({k: v for k, v in o.items() if k != "size"}, r[:2]) for o, r in confirm]
+    if args.exploration_only:
+        confirm = []
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    sizes = sorted({o.get("size", cfg.size) for o, _ in shards})
+    shards = explore + confirm
+    sizes = sorted({_config(cfg, o).size for o, _ in shards})
     seeds = {
-        s: sorted({r.seed for o, runs in shards if o.get("size", cfg.size) == s for r in runs})
+        s: sorted({r.seed for o, runs in shards if _config(cfg, o).size == s for r in runs})
         for s in sizes
     }
     pre_jobs = []
@@ -175,54 +222,50 @@ def main() -> int:
     codes = [p.wait() for p in pre_jobs]
     print(f"pretraining done ({time.perf_counter() - start:.0f} s), exit codes {codes}", flush=True)
     bases: dict[int, dict[str, float]] = {}
-    for s in sizes:
+    for s in sizes:  # each size's clip ranges from its first exploration replicate's probe
         scfg = _config(cfg, {"size": s})
         device = torch.device(scfg.device)
-        pre = load_or_pretrain(scfg, seeds[s], device)
+        probe = min(r.seed for o, runs in explore if _config(cfg, o).size == s for r in runs)
+        pre = load_or_pretrain(scfg, [probe], device)
         methods = sorted(
-            {r.method for o, runs in shards if o.get("size", cfg.size) == s for r in runs}
+            {r.method for o, runs in shards if _config(cfg, o).size == s for r in runs}
         )
-        world = DiscWorld(scfg.size)
-        proxies = {seeds[s][0]: fit_proxy(world, seeds[s][0])}
+        proxies = {probe: fit_proxy(DiscWorld(scfg.size), probe)}
         bases[s] = calibrate(scfg, methods, pre, proxies, device)
     print(f"bases {bases} ({time.perf_counter() - start:.0f} s)", flush=True)
-    parts: list[Path] = []
-    for wave in sorted({o.get("wave", 0) for o, _ in shards}):
-        procs = []
-        for index, (overrides, runs) in enumerate(shards):
-            if overrides.get("wave", 0) != wave:
-                continue
-            scfg = _config(cfg, overrides)
-            out = args.out / f"part{index}"
-            job = {"config": scfg.to_json(), "bases": bases[scfg.size],
-                   "runs": [dataclasses.asdict(r) for r in runs]}  # fmt: skip
-            procs.append(_spawn(job, out))
-            parts.append(out)
-        codes += [p.wait() for p in procs]
-        print(f"wave {wave} done ({time.perf_counter() - start:.0f} s)", flush=True)
-    parts_json = [
-        json.loads((p / "frontier.json").read_text())
-        for p in parts
-        if (p / "frontier.json").exists()
-    ]
+    ecfg = dataclasses.replace(cfg, phase="exploration", time_limit=args.explore_time)
+    more, results = _run_wave(ecfg, explore, bases, args.out, "explore", {})
+    codes += more
+    decisions = decide([r for p in results for r in p["runs"]])
+    (args.out / "decisions.json").write_text(json.dumps(decisions, indent=1))
+    print(f"exploration done ({time.perf_counter() - start:.0f} s): {decisions}", flush=True)
+    if confirm:
+        ccfg = dataclasses.replace(cfg, phase="confirmation", time_limit=args.confirm_time)
+        more, confirmed = _run_wave(ccfg, confirm, bases, args.out, "confirm", decisions["levels"])
+        codes += more
+        results += confirmed
     merged: dict[str, Any] = {
-        "device": parts_json[0]["device"] if parts_json else "?",
-        "plan": args.plan,
+        "device": results[0]["device"] if results else "?",
         "seconds": time.perf_counter() - start,
         "config": cfg.to_json(),
+        "decisions": decisions,
         "shards": [
-            {"part": p.name, "config": json.loads((p / "frontier.json").read_text())["config"]}
-            for p in parts
-            if (p / "frontier.json").exists()
+            {
+                "phase": p["runs"][0]["phase"] if p["runs"] else "?",
+                "config": p["config"],
+                "seconds": p["seconds"],
+                "runs": len(p["runs"]),
+            }
+            for p in results
         ],
         "pretrained": {
-            f"size{p['config']['size']}/{k}": h
-            for p in parts_json
-            for k, h in p["pretrained"].items()
+            f"size{p['config']['size']}/{k}": h for p in results for k, h in p["pretrained"].items()
         },
-        "proxies": {k: v for p in parts_json for k, v in p["proxies"].items()},
+        "proxies": {
+            f"size{p['config']['size']}/{k}": v for p in results for k, v in p["proxies"].items()
+        },
         "bases": {f"size{s}": b for s, b in bases.items()},
-        "runs": [r for p in parts_json for r in p["runs"]],
+        "runs": [r for p in results for r in p["runs"]],
     }
     dump_compact(merged, args.out / "frontier.json")
     print(

@@ -40,6 +40,7 @@ __all__ = [
     "bootstrap",
     "budget_gap",
     "curve_gap",
+    "decide",
     "gain_levels",
     "hacks",
     "interpolate",
@@ -49,6 +50,7 @@ __all__ = [
     "scaling_fit",
     "select_scales",
     "selected_gap",
+    "slice_key",
     "speed_gold_points",
 ]
 
@@ -205,12 +207,15 @@ def curve_gap(
     return {"summary": summary, "by_speed": by_speed, "replicates": len(gaps)}
 
 
-def _scale_key(scale: float | None) -> str:
-    return "none" if scale is None else f"{scale:g}"
+def _setting(run: Run) -> str:
+    """A run's setting as text (``"0.25"``, ``"none"``, ``"target 0.15"``, ``"kl 0.02"``)."""
+    if "setting" in run:
+        return str(run["setting"])
+    return "none" if run["clip_scale"] is None else f"{run['clip_scale']:g}"
 
 
 def select_scales(runs: Sequence[Run], level: float) -> dict[str, str]:
-    """Per method, the clip setting (as :func:`_scale_key`) with the highest mean gold at proxy
+    """Per method, the setting (as ``frontier.json`` writes it) with the highest mean gold at proxy
     gain ``level`` over the replicates of ``runs``, among settings that reach the level in
     more than half of them: the choice made on exploration replicates."""
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -219,7 +224,7 @@ def select_scales(runs: Sequence[Run], level: float) -> dict[str, str]:
         replicates[r["method"]].add(r["seed"])
         hit = at_gain(r["curve"], level)
         if hit is not None:
-            cells[(r["method"], _scale_key(r["clip_scale"]))].append(hit["gold"])
+            cells[(r["method"], _setting(r))].append(hit["gold"])
     best: dict[str, tuple[float, str]] = {}
     for (method, scale), golds in cells.items():
         if len(golds) * 2 > len(replicates[method]):
@@ -230,9 +235,7 @@ def select_scales(runs: Sequence[Run], level: float) -> dict[str, str]:
 
 
 def _run_at(runs: Sequence[Run], method: str, scale: str) -> dict[int, Run]:
-    return {
-        r["seed"]: r for r in runs if r["method"] == method and _scale_key(r["clip_scale"]) == scale
-    }
+    return {r["seed"]: r for r in runs if r["method"] == method and _setting(r) == scale}
 
 
 def selected_gap(
@@ -280,7 +283,7 @@ def budget_gap(
     def picks(name: str) -> dict[int, dict[str, float]]:
         out: dict[int, dict[str, float]] = {}
         for seed, group in _by_replicate(runs, name).items():
-            pool = [r for r in group if scale is None or _scale_key(r["clip_scale"]) == scale]
+            pool = [r for r in group if scale is None or _setting(r) == scale]
             if pool:
                 out[seed] = max((_proxy_pick(r, budget) for r in pool), key=lambda c: c["proxy"])
         return out
@@ -302,9 +305,9 @@ def same_scale_gap(runs: Sequence[Run], method: str, baseline: str) -> dict[str,
     pooled: dict[int, list[tuple[float, float]]] = defaultdict(list)
     per_scale: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)
     for seed in sorted(set(mine) & set(theirs)):
-        other = {_scale_key(r["clip_scale"]): r for r in theirs[seed]}
+        other = {_setting(r): r for r in theirs[seed]}
         for r in mine[seed]:
-            key = _scale_key(r["clip_scale"])
+            key = _setting(r)
             if key in other:
                 a, b = r["curve"][-1], other[key]["curve"][-1]
                 diff = (a["gold"] - b["gold"], a["hack"] - b["hack"])
@@ -326,6 +329,36 @@ def same_scale_gap(runs: Sequence[Run], method: str, baseline: str) -> dict[str,
             for singles in [{s: [d] for s, d in cells.items()}]
         },
     }
+
+
+def slice_key(run: Run) -> str:
+    """``"sde/size/passes/lr"``: runs are compared only within one slice."""
+    return f"{run['sde']}/{run.get('size', 0)}/{run['passes']}/{run.get('lr', 0.0):g}"
+
+
+def decide(runs: Sequence[Run], fractions: Sequence[float] = (0.25, 0.5, 0.75)) -> dict[str, Any]:
+    """The pre-registered rule that turns exploration runs into the confirmation's choices.
+
+    ``levels``: per image side, ``fractions`` of the median final proxy gain over the
+    Flow-SDE, 4-pass runs at that side (every method and setting), rounded to 4 digits.
+    ``selected``: per slice (:func:`slice_key`), each method's setting with the highest mean
+    gold at the middle level of its side (:func:`select_scales`)."""
+    sizes = sorted({r.get("size", 0) for r in runs})
+    levels: dict[str, list[float]] = {}
+    for size in sizes:
+        pool = [
+            r for r in runs if r.get("size", 0) == size and r["sde"] == "flow" and r["passes"] == 4
+        ]
+        if pool:
+            levels[str(size)] = gain_levels(pool, fractions)
+    selected: dict[str, dict[str, str]] = {}
+    for key in sorted({slice_key(r) for r in runs}):
+        size = key.split("/")[1]
+        if size in levels:
+            group = [r for r in runs if slice_key(r) == key]
+            mids = levels[size]
+            selected[key] = select_scales(group, mids[len(mids) // 2])
+    return {"levels": levels, "selected": selected}
 
 
 def scaling_fit(

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .analysis import interpolate, speed_gold_points
-from .report import SPEED_GRID, baseline_of, scaling_gaps, slice_levels, slices
+from .report import SPEED_GRID, baseline_of, reported_runs, scaling_gaps, slice_levels, slices
 
 __all__ = ["write_plots"]
 
@@ -221,6 +221,7 @@ def _samples(samples: dict[str, torch.Tensor], path: Path) -> None:
 def write_plots(folder: Path) -> list[Path]:
     """Every figure above from ``folder/frontier.json`` (and ``samples.pt`` if present)."""
     result = json.loads((folder / "frontier.json").read_text())
+    result = dict(result, runs=reported_runs(result))
     written = []
     for name, draw in (("frontier.png", lambda p: _frontier(result, p)),
                        ("scaling.png", lambda p: _scaling(result, p)),

@@ -34,7 +34,15 @@ from .analysis import (
     selected_gap,
 )
 
-__all__ = ["SPEED_GRID", "baseline_of", "markdown_report", "scaling_gaps", "slice_levels", "slices"]
+__all__ = [
+    "SPEED_GRID",
+    "baseline_of",
+    "markdown_report",
+    "reported_runs",
+    "scaling_gaps",
+    "slice_levels",
+    "slices",
+]
 
 Run = dict[str, Any]
 
@@ -70,9 +78,12 @@ def slices(runs: Sequence[Run]) -> dict[tuple[str, int, int, float], list[Run]]:
 
 
 def slice_levels(result: dict[str, Any], group: Sequence[Run]) -> list[float]:
-    """The pre-registered proxy-gain levels (``config.levels``) when set, else a quarter,
-    half and three quarters of the slice's median final gain."""
-    fixed = result.get("config", {}).get("levels")
+    """The pre-registered proxy-gain levels of the group's image side (``decisions``), else
+    those of the config (``config.levels``), else a quarter, half and three quarters of the
+    group's median final gain."""
+    size = str(group[0].get("size", 0)) if group else "0"
+    decided = result.get("decisions", {}).get("levels", {}).get(size)
+    fixed = decided or result.get("config", {}).get("levels")
     return list(fixed) if fixed else gain_levels(group)
 
 
@@ -155,7 +166,7 @@ def _slice_section(
             + f" | {_ci(hack['summary']) if hack else 'n/a'} | {mid_cell['replicates'] if mid_cell else 0} |"
         )
     lines += _by_speed(group, methods, base, mid)
-    selected = result.get("selected", {}).get(f"{sde}/{size}/{passes}/{lr:g}")
+    selected = result.get("decisions", {}).get("selected", {}).get(f"{sde}/{size}/{passes}/{lr:g}")
     if selected is None:
         selected = select_scales(group, mid)
         source = "chosen on these same replicates (exploration only: not a confirmatory reading)"
@@ -328,21 +339,34 @@ def _hacking(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
+def reported_runs(result: dict[str, Any]) -> list[Run]:
+    """The confirmation runs when there are any (exploration runs only chose the levels and
+    settings), else every run."""
+    confirmed = [r for r in result["runs"] if r.get("phase") == "confirmation"]
+    return confirmed or list(result["runs"])
+
+
 def markdown_report(result: dict[str, Any]) -> str:
-    runs = result["runs"]
+    runs = reported_runs(result)
     phases = sorted({r.get("phase", "?") for r in runs})
+    explored = len(result["runs"]) - len(runs)
     lines = [
         f"# Frontier report ({result.get('device', '?')})",
         "",
         OPENING,
         "",
-        f"Phase: {', '.join(phases)}. Runs: {len(runs)}.",
+        f"Every table below reads the {', '.join(phases)} runs only ({len(runs)} runs)"
+        + (
+            f"; {explored} exploration runs set the levels and the selected settings."
+            if explored
+            else "."
+        ),
         "",
     ]
     lines += _hacking(runs)
     for key, group in sorted(slices(runs).items()):
         lines += _slice_section(result, key, group)
-    lines += _scaling(result)
+    lines += _scaling(dict(result, runs=runs))
     return "\n".join(lines) + "\n"
 
 
