@@ -101,8 +101,8 @@ def _frontier(result: dict[str, Any], path: Path) -> None:
         )
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(
-        "Speed-gold frontiers: each curve joins a method's settings (labels: clip multiple, "
-        "KL coefficient or target), mean over replicates",
+        "Speed-gold frontiers: each curve is a method across its settings, mean over\n"
+        "replicates; dots: each setting's mean (clip multiple, KL coefficient or target)",
         fontsize=10,
     )
     fig.tight_layout()
@@ -138,9 +138,16 @@ def _scaling(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _main_size(runs: list[Run]) -> int:
+    """The image side with the most Flow-SDE, 4-pass runs (the primary slice)."""
+    sides = [r.get("size", 0) for r in runs if r["sde"] == "flow" and r["passes"] == 4]
+    return max(set(sides), key=sides.count) if sides else 0
+
+
 def _hacking(runs: list[Run], path: Path) -> None:
+    side = _main_size(runs)
     vanilla = [r for r in runs if r["method"] == "flow_grpo" and r["clip_scale"] == 1.0
-               and r["passes"] == 4 and r.get("size") == 64]  # fmt: skip
+               and r["passes"] == 4 and r.get("size") == side]  # fmt: skip
     if not vanilla:
         return
     lr = min(r.get("lr", 0) for r in vanilla)
@@ -156,7 +163,8 @@ def _hacking(runs: list[Run], path: Path) -> None:
         ax.set_ylabel(label)
     axes[0].legend(fontsize=6)
     fig.suptitle(
-        "Vanilla Flow-GRPO at its calibrated clip, D = 4096, 4 passes: one line per replicate"
+        f"Vanilla Flow-GRPO at its calibrated clip, D = {side * side}, 4 passes, lr {lr:g}: "
+        "one line per replicate"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -164,7 +172,8 @@ def _hacking(runs: list[Run], path: Path) -> None:
 
 
 def _clip_by_step(runs: list[Run], path: Path) -> None:
-    main = [r for r in runs if r["passes"] == 4 and r.get("size") == 64 and r["sde"] == "flow"]
+    side = _main_size(runs)
+    main = [r for r in runs if r["passes"] == 4 and r.get("size") == side and r["sde"] == "flow"]
     methods = sorted({r["method"] for r in main})
     colors = _colors(methods)
     fig, ax = plt.subplots(figsize=(6.5, 4))
