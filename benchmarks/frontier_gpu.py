@@ -130,10 +130,28 @@ def confirmation_shards(seeds: tuple[int, ...] = CONFIRM_SEEDS) -> list[Shard]:
     ]
 
 
+CPU_SIZES: dict[int, dict[str, int]] = {
+    32: {"size": 16, "patch": 4},
+    64: {"size": 24, "patch": 4},
+    128: {"size": 32, "patch": 4},
+}
+"""``--budget cpu``: the same plan at D = 256, 576 and 1024 on the CPU default's network."""
+
+CPU_SCALE: dict[str, Any] = dict(
+    width=48, depth=2, pretrain_steps=1500, pretrain_batch=128, num_steps=8, lr=3e-4,
+    iterations=30, eval_samples=32, checkpoint_blocks=False, device="cpu",
+)  # fmt: skip
+"""``--budget cpu``: the CPU default's network, pretraining, schedule and learning rate."""
+
+TABLE = SIZES
+
+
 def _config(base: DemoConfig, overrides: dict[str, Any]) -> DemoConfig:
-    size = overrides.get("size", base.size)
+    """``base`` with a shard's overrides; ``size`` is a label of :data:`TABLE` (the GPU
+    plan's image side), mapped to the scale's image side and patch."""
+    size = overrides.get("size", 64)
     fields = {k: v for k, v in overrides.items() if k != "size"}
-    return dataclasses.replace(base, **SIZES.get(size, {}), **fields)
+    return dataclasses.replace(base, **TABLE[size], **fields)
 
 
 def _worker(job_path: Path, out: Path) -> int:
@@ -171,7 +189,7 @@ def _run_wave(
         scfg = _config(cfg, overrides)
         scfg = dataclasses.replace(scfg, levels=tuple(levels.get(str(scfg.size), ())))
         part = out / f"{tag}{index}"
-        job = {"config": scfg.to_json(), "bases": bases[scfg.size],
+        job = {"config": scfg.to_json(), "bases": bases[overrides.get("size", 64)],
                "runs": [dataclasses.asdict(r) for r in runs]}  # fmt: skip
         procs.append(_spawn(job, part))
         parts.append(part)
@@ -189,7 +207,8 @@ def main() -> int:
         "--budget",
         choices=sorted(PRESET_BUDGETS),
         default="gpu",
-        help="config the plan runs on (tiny: a CPU check of this script)",
+        help="gpu: the plan as registered; cpu: the same plan at CPU scale (D = 256, 576, "
+        "1024); tiny: a check of this script",
     )
     parser.add_argument("--explore-time", type=float, default=90.0, help="seconds per worker")
     parser.add_argument("--confirm-time", type=float, default=300.0, help="seconds per worker")
@@ -201,18 +220,23 @@ def main() -> int:
         return _worker(args.worker, args.out)
     cfg = PRE
     explore, confirm = exploration_shards(), confirmation_shards()
-    if args.budget != "gpu":  # a CPU check: the tiny network, two runs a shard
+    global TABLE
+    if args.budget == "cpu":  # the same plan at CPU scale
+        TABLE = CPU_SIZES
+        cfg = dataclasses.replace(cfg, **CPU_SCALE)
+    elif args.budget != "gpu":  # a CPU check: the tiny network, two runs a shard
+        TABLE = {label: {"size": 16, "patch": 4} for label in SIZES}
         cfg = dataclasses.replace(cfg, **PRESET_BUDGETS[args.budget], device="cpu")
-        explore = [({k: v for k, v in o.items() if k != "size"}, r[:2]) for o, r in explore]
-        confirm = [({k: v for k, v in o.items() if k != "size"}, r[:2]) for o, r in confirm]
+        explore = [(o, r[:2]) for o, r in explore]
+        confirm = [(o, r[:2]) for o, r in confirm]
     if args.exploration_only:
         confirm = []
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     shards = explore + confirm
-    sizes = sorted({_config(cfg, o).size for o, _ in shards})
+    sizes = sorted({o.get("size", 64) for o, _ in shards})  # labels of TABLE
     seeds = {
-        s: sorted({r.seed for o, runs in shards if _config(cfg, o).size == s for r in runs})
+        s: sorted({r.seed for o, runs in shards if o.get("size", 64) == s for r in runs})
         for s in sizes
     }
     pre_jobs = []
@@ -225,11 +249,9 @@ def main() -> int:
     for s in sizes:  # each size's clip ranges from its first exploration replicate's probe
         scfg = _config(cfg, {"size": s})
         device = torch.device(scfg.device)
-        probe = min(r.seed for o, runs in explore if _config(cfg, o).size == s for r in runs)
+        probe = min(r.seed for o, runs in explore if o.get("size", 64) == s for r in runs)
         pre = load_or_pretrain(scfg, [probe], device)
-        methods = sorted(
-            {r.method for o, runs in shards if _config(cfg, o).size == s for r in runs}
-        )
+        methods = sorted({r.method for o, runs in shards if o.get("size", 64) == s for r in runs})
         proxies = {probe: fit_proxy(DiscWorld(scfg.size), probe)}
         bases[s] = calibrate(scfg, methods, pre, proxies, device)
     print(f"bases {bases} ({time.perf_counter() - start:.0f} s)", flush=True)
