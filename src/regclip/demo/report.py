@@ -169,7 +169,7 @@ def _slice_section(
     selected = result.get("decisions", {}).get("selected", {}).get(f"{sde}/{size}/{passes}/{lr:g}")
     if selected is None:
         selected = select_scales(group, mid)
-        source = "chosen on these same replicates (exploration only: not a confirmatory reading)"
+        source = "chosen on these same replicates: an exploratory reading, not a confirmatory one"
     else:
         source = "chosen on the exploration replicates and fixed in the pre-registration"
     lines += [
