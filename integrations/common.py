@@ -24,7 +24,7 @@ from torch import Tensor
 
 import regclip
 from regclip import GuardedPPOLoss, KLPenalty, LossOutput, TransitionKernel
-from regclip.loss_config import PRESET_SPECS, LossConfig, LossParts, Reweight, build_parts
+from regclip.loss_config import LossConfig, Reweight, build_parts
 from regclip.ratio import BatchRatioNorm, RatioNormalizer, Source
 
 __all__ = [
@@ -236,30 +236,15 @@ def build_loss(
             f"--regclip_ratio_source must be auto/log_prob/closed_form, got {chosen!r}"
         )
     source = cast("Source | None", chosen)
-    if name in PRESET_SPECS:
-        config = LossConfig(
-            preset=name,
-            clip_range=clip_range,
-            adv_clip=adv_clip,
-            sde=sde,
-            reweight=cast(Reweight, options.reweight if name == "grpo_guard" else "auto"),
-            fused=options.fused,
-        )
-        parts = build_parts(config, kernel)
-    else:  # presets composed beyond the registry (kl_mask, ...): their function's parts
-        kwargs: dict[str, Any] = {"adv_clip": adv_clip, "sde": sde, "kernel": kernel}
-        if clip_range is not None:
-            kwargs["clip_range"] = clip_range
-        built = regclip.presets.from_name(name, **kwargs)
-        parts = LossParts(
-            built.normalizer,
-            built.reweighter,
-            built.surrogate,
-            built.kernel,
-            built.adv_clip,
-            built.kl,
-            options.fused,
-        )
+    config = LossConfig(
+        preset=name,
+        clip_range=clip_range,
+        adv_clip=adv_clip,
+        sde=sde,
+        reweight=cast(Reweight, options.reweight if name == "grpo_guard" else "auto"),
+        fused=options.fused,
+    )
+    parts = build_parts(config, kernel)
     normalizer = parts.normalizer
     if source is not None and source != normalizer.source:
         normalizer = _with_source(normalizer, source)

@@ -538,7 +538,8 @@ class GRPOTrainer:
         return self.output_dir / CHECKPOINTS / f"iter_{self.iteration:06d}"
 
     def save_checkpoint(self, directory: str | Path | None = None) -> Path:
-        """Trainable weights, optimizer, EMA, iteration and config to
+        """Trainable weights, optimizer, EMA, the loss's state (adaptive clip ranges),
+        iteration and config to
         ``directory/trainer_state.pt`` (plus the LoRA adapter in diffusers format under
         ``directory/lora``), written atomically (:func:`.checkpoint.write_checkpoint`)."""
         path = Path(directory) if directory is not None else self.checkpoint_dir()
@@ -550,6 +551,7 @@ class GRPOTrainer:
                 },
                 "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "loss": {k: v.cpu() for k, v in self.loss_fn.state_dict().items()},
                 "iteration": self.iteration,
                 "config": self.config.to_dict(),
             }
@@ -587,6 +589,8 @@ class GRPOTrainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
             self.ema.to(self.device)
+        if "loss" in state:  # the adaptive controller's ranges and counts
+            self.loss_fn.load_state_dict(state["loss"])
         self.iteration = int(state["iteration"])
         if self.accelerator.is_main_process:
             trim_metrics(self.output_dir / "metrics.jsonl", self.iteration)
