@@ -146,6 +146,30 @@ CPU_SCALE: dict[str, Any] = dict(
 TABLE = SIZES
 
 
+def cpu_exploration_shards(seeds: tuple[int, ...] = EXPLORE_SEEDS) -> list[Shard]:
+    """``--budget cpu``: vanilla and GRPO-Guard over the clip grid at every latent size."""
+    return [({"size": size}, _grid(PAIR, CLIP_GRID, seeds)) for size in (32, 64, 128)]
+
+
+def cpu_confirmation_shards(seeds: tuple[int, ...] = CONFIRM_SEEDS) -> list[Shard]:
+    """``--budget cpu``: what two cores can run in about half an hour: vanilla and
+    GRPO-Guard over the clip grid at every latent size, the other clipped methods and
+    arms at the middle size, and one pass at two learning rates (no 16 passes, no
+    Dance-SDE)."""
+    half = len(seeds) // 2
+    return [
+        *[({"size": size}, _grid(PAIR, CLIP_GRID, seeds)) for size in (32, 64)],
+        ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds[:half])),
+        ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds[half:])),
+        ({"size": 64}, _grid(CLIPPED[2:], CLIP_GRID, seeds)),
+        ({"size": 64}, _other_arms(PRE, seeds)),
+        *[
+            ({"size": 64, "lr": CPU_SCALE["lr"] * m}, _grid(PAIR, (1.0,), seeds, passes=1))
+            for m in ONE_PASS_LRS
+        ],
+    ]
+
+
 def _config(base: DemoConfig, overrides: dict[str, Any]) -> DemoConfig:
     """``base`` with a shard's overrides; ``size`` is a label of :data:`TABLE` (the GPU
     plan's image side), mapped to the scale's image side and patch."""
@@ -207,8 +231,8 @@ def main() -> int:
         "--budget",
         choices=sorted(PRESET_BUDGETS),
         default="gpu",
-        help="gpu: the plan as registered; cpu: the same plan at CPU scale (D = 256, 576, "
-        "1024); tiny: a check of this script",
+        help="gpu: the plan as registered; cpu: its core at CPU scale (D = 256, 576, 1024); "
+        "tiny: a check of this script",
     )
     parser.add_argument("--explore-time", type=float, default=90.0, help="seconds per worker")
     parser.add_argument("--confirm-time", type=float, default=300.0, help="seconds per worker")
@@ -221,9 +245,10 @@ def main() -> int:
     cfg = PRE
     explore, confirm = exploration_shards(), confirmation_shards()
     global TABLE
-    if args.budget == "cpu":  # the same plan at CPU scale
+    if args.budget == "cpu":  # the plan at CPU scale, fewer arms
         TABLE = CPU_SIZES
         cfg = dataclasses.replace(cfg, **CPU_SCALE)
+        explore, confirm = cpu_exploration_shards(), cpu_confirmation_shards()
     elif args.budget != "gpu":  # a CPU check: the tiny network, two runs a shard
         TABLE = {label: {"size": 16, "patch": 4} for label in SIZES}
         cfg = dataclasses.replace(cfg, **PRESET_BUDGETS[args.budget], device="cpu")
