@@ -199,6 +199,14 @@ def _spawn(job: dict[str, Any], out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, __file__, "--out", str(out), "--worker", str(path)])
 
 
+def shared_config(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The config fields every worker ran with (each shard's own are under ``shards``)."""
+    configs = [p["config"] for p in results]
+    if not configs:
+        return {}
+    return {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs)}
+
+
 def _run_wave(
     cfg: DemoConfig,
     shards: list[Shard],
@@ -294,7 +302,7 @@ def main() -> int:
     merged: dict[str, Any] = {
         "device": results[0]["device"] if results else "?",
         "seconds": time.perf_counter() - start,
-        "config": cfg.to_json(),
+        "config": shared_config(results),
         "decisions": decisions,
         "shards": [
             {
