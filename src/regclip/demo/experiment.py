@@ -53,11 +53,12 @@ def default_runs(cfg: DemoConfig) -> list[RunSpec]:
     runs = []
     for method in cfg.methods:
         base, _ = parse_method(method)
-        settings: Sequence[tuple[float | None, float | None]] = {
+        by_method: dict[str, list[tuple[float | None, float | None]]] = {
             "adaptive_guard": [(None, t) for t in cfg.adaptive_targets],
             "flow_grpo_kl": [(1.0, c) for c in cfg.kl_coefs],
             "kl_mask": [(b, None) for b in cfg.kl_bounds],
-        }.get(base, [(s, None) for s in cfg.clip_scales])
+        }
+        settings = by_method.get(base, [(s, None) for s in cfg.clip_scales])
         runs += [
             RunSpec(method, scale, passes, seed, option)
             for scale, option in settings

@@ -197,7 +197,7 @@ def _clip_by_step(runs: list[Run], path: Path) -> None:
 
 
 def _samples(samples: dict[str, torch.Tensor], path: Path) -> None:
-    rows = []
+    rows: list[tuple[str, torch.Tensor]] = []
     for method in ("flow_grpo", "grpo_guard"):
         for stage, title in (("start", "start"), ("level", "at the middle proxy level"),
                              ("end", "end")):  # fmt: skip
