@@ -525,3 +525,20 @@ def test_committed_cpu_demo_meets_the_schema():
     assert len({r["seed"] for r in runs}) == 3
     vanilla = [r for r in runs if r["method"] == "flow_grpo"]
     assert sum(r["curve"][-1]["gold"] < r["curve"][0]["gold"] for r in vanilla) >= 6
+
+
+def test_committed_cpu_confirmation_meets_the_schema_and_the_plan():
+    result = json.loads((ROOT / "docs/results/confirm_cpu/frontier.json").read_text())
+    runs = check_committed(result)
+    phases = {r["phase"] for r in runs}
+    assert phases == {"exploration", "confirmation"}
+    confirmed = [r for r in runs if r["phase"] == "confirmation"]
+    explored = [r for r in runs if r["phase"] == "exploration"]
+    assert {r["seed"] for r in confirmed} == set(range(200, 208))  # 8 replicates
+    assert not {r["seed"] for r in confirmed} & {r["seed"] for r in explored}
+    assert result["decisions"] == decide(explored)  # the rule, applied to exploration only
+    for size in (16, 24, 32):  # every clip setting of the grid at every latent size
+        mine = [r for r in confirmed if r["size"] == size and r["passes"] == 4]
+        for method in ("flow_grpo", "grpo_guard"):
+            settings = {r["setting"] for r in mine if r["method"] == method}
+            assert len(settings) >= 6 and "none" in settings and "0.0625" in settings

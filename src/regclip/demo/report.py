@@ -70,10 +70,13 @@ def baseline_of(sde: str) -> str:
 
 
 def slices(runs: Sequence[Run]) -> dict[tuple[str, int, int, float], list[Run]]:
-    """Runs by (kernel, image side, passes, lr): only runs of one slice are compared."""
+    """Runs by (kernel, image side, passes, lr): only runs of one slice are compared. With one
+    pass clipping never acts, so runs at several learning rates form one slice (lr 0): their
+    learning rate is the setting along the speed-gold curve."""
     out: dict[tuple[str, int, int, float], list[Run]] = defaultdict(list)
-    for r in runs:
-        out[(r["sde"], r.get("size", 0), r["passes"], r.get("lr", 0.0))].append(r)
+    for r in runs:  # one pass: the learning rate is the speed knob, so its values pool (lr 0)
+        lr = 0.0 if r["passes"] == 1 else r.get("lr", 0.0)
+        out[(r["sde"], r.get("size", 0), r["passes"], lr)].append(r)
     return out
 
 
@@ -140,7 +143,12 @@ def _slice_section(
     budget = min(r["curve"][-1]["iteration"] for r in group)
     lines = [
         "",
-        f"## {sde}-SDE, D = {size * size}, {passes} pass(es) per rollout, lr {lr:g}",
+        f"## {sde}-SDE, D = {size * size}, {passes} pass(es) per rollout, "
+        + (
+            f"lr {lr:g}"
+            if lr
+            else "learning rates " + ", ".join(sorted({f"{r['lr']:g}" for r in group}))
+        ),
         "",
         f"- Replicates: {len(reps)} ({', '.join(map(str, reps))}); runs: {len(group)}.",
         f"- Gold at the start: {_start(group)}.",
