@@ -51,6 +51,7 @@ SIZES: dict[int, dict[str, int]] = {
 
 CLIPPED = ("flow_grpo", "grpo_guard", "ratio_norm", "velocity_guard")
 PAIR = ("flow_grpo", "grpo_guard")
+DANCE = ("flow_grpo_dance", "grpo_guard_dance")
 
 
 def _grid(methods, scales, seeds, option=None, passes=4):
@@ -97,11 +98,9 @@ never acts, so the learning rate is the knob that sets their speed."""
 def exploration_shards(seeds: tuple[int, ...] = EXPLORE_SEEDS) -> list[Shard]:
     """Every arm at D = 4096 (Flow-SDE, 4 passes); vanilla and GRPO-Guard over the clip grid
     on Dance-SDE and at D = 1024 and 16384."""
-    cfg = PRE
-    dance = ("flow_grpo_dance", "grpo_guard_dance")
     return [
         ({"size": 64}, _grid(CLIPPED, CLIP_GRID, seeds)),
-        ({"size": 64}, _other_arms(cfg, seeds) + _grid(dance, CLIP_GRID, seeds)),
+        ({"size": 64}, _other_arms(PRE, seeds) + _grid(DANCE, CLIP_GRID, seeds)),
         ({"size": 32}, _grid(PAIR, CLIP_GRID, seeds)),
         ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds)),
     ]
@@ -110,18 +109,16 @@ def exploration_shards(seeds: tuple[int, ...] = EXPLORE_SEEDS) -> list[Shard]:
 def confirmation_shards(seeds: tuple[int, ...] = CONFIRM_SEEDS) -> list[Shard]:
     """The confirmation: every arm at D = 4096; 1 and 16 passes; Dance-SDE; vanilla and
     GRPO-Guard over the clip grid at D = 1024 and 16384."""
-    cfg = PRE
-    dance = ("flow_grpo_dance", "grpo_guard_dance")
     half = len(seeds) // 2
     return [
         ({"size": 64}, _grid(PAIR, CLIP_GRID, seeds)),
         ({"size": 64}, _grid(CLIPPED[2:], CLIP_GRID, seeds)),
-        ({"size": 64}, _other_arms(cfg, seeds)),
-        ({"size": 64}, _grid(dance, CLIP_GRID, seeds)),
+        ({"size": 64}, _other_arms(PRE, seeds)),
+        ({"size": 64}, _grid(DANCE, CLIP_GRID, seeds)),
         ({"size": 64}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), seeds[:half], passes=16)),
         ({"size": 64}, _grid(PAIR, (1 / 16, 1 / 4, 1.0, None), seeds[half:], passes=16)),
         *[
-            ({"size": 64, "lr": cfg.lr * m}, _grid(PAIR, (1.0,), seeds, passes=1))
+            ({"size": 64, "lr": PRE.lr * m}, _grid(PAIR, (1.0,), seeds, passes=1))
             for m in ONE_PASS_LRS
         ],
         ({"size": 32}, _grid(PAIR, CLIP_GRID, seeds)),
@@ -143,7 +140,8 @@ CPU_SCALE: dict[str, Any] = dict(
 )  # fmt: skip
 """``--budget cpu``: the CPU default's network, pretraining, schedule and learning rate."""
 
-TABLE = SIZES
+TINY_SIZES: dict[int, dict[str, int]] = {label: {"size": 16, "patch": 4} for label in SIZES}
+"""``--budget tiny``: every latent size on the tiny network (a check of this script)."""
 
 
 def cpu_exploration_shards(seeds: tuple[int, ...] = EXPLORE_SEEDS) -> list[Shard]:
@@ -170,12 +168,15 @@ def cpu_confirmation_shards(seeds: tuple[int, ...] = CONFIRM_SEEDS) -> list[Shar
     ]
 
 
-def _config(base: DemoConfig, overrides: dict[str, Any]) -> DemoConfig:
-    """``base`` with a shard's overrides; ``size`` is a label of :data:`TABLE` (the GPU
-    plan's image side), mapped to the scale's image side and patch."""
+def _config(
+    base: DemoConfig, overrides: dict[str, Any], table: dict[int, dict[str, int]]
+) -> DemoConfig:
+    """``base`` with a shard's overrides; ``size`` is a label of ``table`` (the GPU plan's
+    image side: :data:`SIZES`, :data:`CPU_SIZES` or :data:`TINY_SIZES`), mapped to the
+    scale's image side and patch."""
     size = overrides.get("size", 64)
     fields = {k: v for k, v in overrides.items() if k != "size"}
-    return dataclasses.replace(base, **TABLE[size], **fields)
+    return dataclasses.replace(base, **table[size], **fields)
 
 
 def _worker(job_path: Path, out: Path) -> int:
@@ -214,11 +215,12 @@ def _run_wave(
     out: Path,
     tag: str,
     levels: dict[str, list[float]],
+    table: dict[int, dict[str, int]],
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Run ``shards`` at once as worker processes; their exit codes and results."""
     procs, parts = [], []
     for index, (overrides, runs) in enumerate(shards):
-        scfg = _config(cfg, overrides)
+        scfg = _config(cfg, overrides, table)
         scfg = dataclasses.replace(scfg, levels=tuple(levels.get(str(scfg.size), ())))
         part = out / f"{tag}{index}"
         job = {"config": scfg.to_json(), "bases": bases[overrides.get("size", 64)],
@@ -252,13 +254,13 @@ def main() -> int:
         return _worker(args.worker, args.out)
     cfg = PRE
     explore, confirm = exploration_shards(), confirmation_shards()
-    global TABLE
+    table = SIZES
     if args.budget == "cpu":  # the plan at CPU scale, fewer arms
-        TABLE = CPU_SIZES
+        table = CPU_SIZES
         cfg = dataclasses.replace(cfg, **CPU_SCALE)
         explore, confirm = cpu_exploration_shards(), cpu_confirmation_shards()
     elif args.budget != "gpu":  # a CPU check: the tiny network, two runs a shard
-        TABLE = {label: {"size": 16, "patch": 4} for label in SIZES}
+        table = TINY_SIZES
         cfg = dataclasses.replace(cfg, **PRESET_BUDGETS[args.budget], device="cpu")
         explore = [(o, r[:2]) for o, r in explore]
         confirm = [(o, r[:2]) for o, r in confirm]
@@ -267,20 +269,20 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     shards = explore + confirm
-    sizes = sorted({o.get("size", 64) for o, _ in shards})  # labels of TABLE
+    sizes = sorted({o.get("size", 64) for o, _ in shards})  # labels of the table
     seeds = {
         s: sorted({r.seed for o, runs in shards if o.get("size", 64) == s for r in runs})
         for s in sizes
     }
     pre_jobs = []
     for s in sizes:
-        job = {"config": _config(cfg, {"size": s}).to_json(), "pretrain_only": True}
+        job = {"config": _config(cfg, {"size": s}, table).to_json(), "pretrain_only": True}
         pre_jobs.append(_spawn({**job, "seeds": seeds[s], "runs": []}, args.out / f"pretrain{s}"))
     codes = [p.wait() for p in pre_jobs]
     print(f"pretraining done ({time.perf_counter() - start:.0f} s), exit codes {codes}", flush=True)
     bases: dict[int, dict[str, float]] = {}
     for s in sizes:  # each size's clip ranges from its first exploration replicate's probe
-        scfg = _config(cfg, {"size": s})
+        scfg = _config(cfg, {"size": s}, table)
         device = torch.device(scfg.device)
         probe = min(r.seed for o, runs in explore if o.get("size", 64) == s for r in runs)
         pre = load_or_pretrain(scfg, [probe], device)
@@ -289,14 +291,16 @@ def main() -> int:
         bases[s] = calibrate(scfg, methods, pre, proxies, device)
     print(f"bases {bases} ({time.perf_counter() - start:.0f} s)", flush=True)
     ecfg = dataclasses.replace(cfg, phase="exploration", time_limit=args.explore_time)
-    more, results = _run_wave(ecfg, explore, bases, args.out, "explore", {})
+    more, results = _run_wave(ecfg, explore, bases, args.out, "explore", {}, table)
     codes += more
     decisions = decide([r for p in results for r in p["runs"]])
     (args.out / "decisions.json").write_text(json.dumps(decisions, indent=1))
     print(f"exploration done ({time.perf_counter() - start:.0f} s): {decisions}", flush=True)
     if confirm:
         ccfg = dataclasses.replace(cfg, phase="confirmation", time_limit=args.confirm_time)
-        more, confirmed = _run_wave(ccfg, confirm, bases, args.out, "confirm", decisions["levels"])
+        more, confirmed = _run_wave(
+            ccfg, confirm, bases, args.out, "confirm", decisions["levels"], table
+        )
         codes += more
         results += confirmed
     merged: dict[str, Any] = {
