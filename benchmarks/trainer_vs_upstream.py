@@ -69,7 +69,15 @@ from regclip.trainer import (  # noqa: E402
 )
 from regclip.trainer.build import vae_scale_factor  # noqa: E402
 from regclip.trainer.trainer import timestep_chunks  # noqa: E402
-from upstream_overhead import LORA_TARGETS, SCRIPT, SETTINGS, TINY, _config, _Prepared  # noqa: E402
+from upstream_overhead import (  # noqa: E402
+    LORA_TARGETS,
+    SCRIPT,
+    SETTINGS,
+    TINY,
+    _config,
+    _Prepared,
+    add_upstream_lora,
+)
 
 PHASES = ("rollout", "reward", "train_step", "iteration")
 LR, WEIGHT_DECAY, BETAS, EPS = 3e-4, 1e-4, (0.9, 0.999), 1e-8  # Flow-GRPO's config/base.py
@@ -148,16 +156,10 @@ class Upstream:
 
     def __init__(self, arch: str, src: str, pipe: Any, s: dict[str, Any], accelerator: Any) -> None:
         from integrations.flow_grpo.adapter import load_upstream
-        from peft import LoraConfig, get_peft_model
 
         self.arch, self.s, self.pipe, self.accelerator = arch, s, pipe, accelerator
         self.up = load_upstream(src, SCRIPT[arch])
-        pipe.transformer.requires_grad_(False)
-        pipe.transformer = get_peft_model(
-            pipe.transformer,
-            LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian",
-                       target_modules=LORA_TARGETS[arch]),
-        )  # fmt: skip
+        add_upstream_lora(pipe, arch)
         trainable = [p for p in pipe.transformer.parameters() if p.requires_grad]
         self.optimizer = accelerator.prepare_optimizer(
             torch.optim.AdamW(trainable, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)

@@ -85,6 +85,19 @@ LORA_TARGETS = {
 }  # fmt: skip
 
 
+def add_upstream_lora(pipe: Any, arch: str) -> None:
+    """Freeze ``pipe.transformer`` and wrap it in the LoRA (rank 32, alpha 64, Gaussian init,
+    upstream's target modules) that Flow-GRPO's scripts add."""
+    from peft import LoraConfig, get_peft_model
+
+    pipe.transformer.requires_grad_(False)
+    pipe.transformer = get_peft_model(
+        pipe.transformer,
+        LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian",
+                   target_modules=LORA_TARGETS[arch]),
+    )  # fmt: skip
+
+
 class _NoStep:
     def step(self) -> None:
         return None
@@ -214,7 +227,6 @@ def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
     from accelerate import Accelerator
     from integrations.flow_grpo import smoke
     from integrations.flow_grpo.adapter import FlowGRPOAdapter, load_upstream
-    from peft import LoraConfig, get_peft_model
 
     up = load_upstream(src, SCRIPT[arch])
     start = time.perf_counter()
@@ -223,12 +235,7 @@ def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
         pipe = smoke.build_pipeline("tiny" if tiny else "sd35m", seed=0, device=dev)
     else:
         pipe = smoke.build_flux_pipeline("tiny" if tiny else "flux", seed=0, device=dev)
-    pipe.transformer.requires_grad_(False)
-    pipe.transformer = get_peft_model(
-        pipe.transformer,
-        LoraConfig(r=32, lora_alpha=64, init_lora_weights="gaussian",
-                   target_modules=LORA_TARGETS[arch]),
-    )  # fmt: skip
+    add_upstream_lora(pipe, arch)
     _sync(device)
     build_s = time.perf_counter() - start
     config = _config(arch, s)
