@@ -36,7 +36,7 @@ from regclip.demo.arms import RunSpec
 from regclip.demo.config import CLIP_GRID, PRESET_BUDGETS, DemoConfig
 from regclip.demo.engine import calibrate
 from regclip.demo.experiment import dump_compact, run_experiment
-from regclip.demo.pretrain import load_or_pretrain
+from regclip.demo.pretrain import cache_dir, load_or_pretrain
 from regclip.demo.reward import fit_proxy
 from regclip.demo.world import DiscWorld
 
@@ -125,6 +125,24 @@ def confirmation_shards(seeds: tuple[int, ...] = CONFIRM_SEEDS) -> list[Shard]:
         ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds[:half])),
         ({"size": 128}, _grid(PAIR, CLIP_GRID, seeds[half:])),
     ]
+
+
+AMENDED_SIZES = (32, 64)
+"""Amendment 1 (``--plan amended``): D = 1024 and 4096 only."""
+
+
+def amended(shards: list[Shard]) -> list[Shard]:
+    """Amendment 1 of ``docs/results/preregistration.md``: the registered shards without
+    D = 16384, Dance-SDE and 16 passes (what one device call can hold); every other run as
+    registered."""
+    kept = []
+    for overrides, runs in shards:
+        if overrides.get("size", 64) not in AMENDED_SIZES:
+            continue
+        runs = [r for r in runs if r.sde == "flow" and r.passes != 16]
+        if runs:
+            kept.append((overrides, runs))
+    return kept
 
 
 CPU_SIZES: dict[int, dict[str, int]] = {
@@ -233,55 +251,21 @@ def _run_wave(
     return codes, results
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--worker", type=Path, help="(internal) a worker's job file")
-    parser.add_argument(
-        "--budget",
-        choices=sorted(PRESET_BUDGETS),
-        default="gpu",
-        help="gpu: the plan as registered; cpu: its core at CPU scale (D = 256, 576, 1024); "
-        "tiny: a check of this script",
-    )
-    parser.add_argument("--explore-time", type=float, default=90.0, help="seconds per worker")
-    parser.add_argument("--confirm-time", type=float, default=300.0, help="seconds per worker")
-    parser.add_argument(
-        "--exploration-only", action="store_true", help="stop after the exploration wave"
-    )
-    args = parser.parse_args()
-    if args.worker:
-        return _worker(args.worker, args.out)
-    cfg = PRE
-    explore, confirm = exploration_shards(), confirmation_shards()
-    table = SIZES
-    if args.budget == "cpu":  # the plan at CPU scale, fewer arms
-        table = CPU_SIZES
-        cfg = dataclasses.replace(cfg, **CPU_SCALE)
-        explore, confirm = cpu_exploration_shards(), cpu_confirmation_shards()
-    elif args.budget != "gpu":  # a CPU check: the tiny network, two runs a shard
-        table = TINY_SIZES
-        cfg = dataclasses.replace(cfg, **PRESET_BUDGETS[args.budget], device="cpu")
-        explore = [(o, r[:2]) for o, r in explore]
-        confirm = [(o, r[:2]) for o, r in confirm]
-    if args.exploration_only:
-        confirm = []
-    args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    shards = explore + confirm
-    sizes = sorted({o.get("size", 64) for o, _ in shards})  # labels of the table
-    seeds = {
-        s: sorted({r.seed for o, runs in shards if o.get("size", 64) == s for r in runs})
-        for s in sizes
-    }
-    pre_jobs = []
-    for s in sizes:
-        job = {"config": _config(cfg, {"size": s}, table).to_json(), "pretrain_only": True}
-        pre_jobs.append(_spawn({**job, "seeds": seeds[s], "runs": []}, args.out / f"pretrain{s}"))
-    codes = [p.wait() for p in pre_jobs]
-    print(f"pretraining done ({time.perf_counter() - start:.0f} s), exit codes {codes}", flush=True)
+def _time_limit(wanted: float, start: float, deadline: float | None) -> float:
+    """A wave's per-worker time limit: ``wanted``, shortened so that the wave ends about
+    45 s (evaluation, merge, packing) before ``deadline`` seconds after ``start``."""
+    if deadline is None:
+        return wanted
+    left = deadline - (time.perf_counter() - start) - 45.0
+    return max(10.0, min(wanted, left))
+
+
+def _calibrate_bases(
+    cfg: DemoConfig, table: dict[int, dict[str, int]], explore: list[Shard], shards: list[Shard]
+) -> dict[int, dict[str, float]]:
+    """Each size's clip ranges from its first exploration replicate's probe rollout."""
     bases: dict[int, dict[str, float]] = {}
-    for s in sizes:  # each size's clip ranges from its first exploration replicate's probe
+    for s in sorted({o.get("size", 64) for o, _ in shards}):
         scfg = _config(cfg, {"size": s}, table)
         device = torch.device(scfg.device)
         probe = min(r.seed for o, runs in explore if o.get("size", 64) == s for r in runs)
@@ -289,23 +273,37 @@ def main() -> int:
         methods = sorted({r.method for o, runs in shards if o.get("size", 64) == s for r in runs})
         proxies = {probe: fit_proxy(DiscWorld(scfg.size), probe)}
         bases[s] = calibrate(scfg, methods, pre, proxies, device)
-    print(f"bases {bases} ({time.perf_counter() - start:.0f} s)", flush=True)
-    ecfg = dataclasses.replace(cfg, phase="exploration", time_limit=args.explore_time)
-    more, results = _run_wave(ecfg, explore, bases, args.out, "explore", {}, table)
-    codes += more
-    decisions = decide([r for p in results for r in p["runs"]])
-    (args.out / "decisions.json").write_text(json.dumps(decisions, indent=1))
-    print(f"exploration done ({time.perf_counter() - start:.0f} s): {decisions}", flush=True)
-    if confirm:
-        ccfg = dataclasses.replace(cfg, phase="confirmation", time_limit=args.confirm_time)
-        more, confirmed = _run_wave(
-            ccfg, confirm, bases, args.out, "confirm", decisions["levels"], table
-        )
-        codes += more
-        results += confirmed
-    merged: dict[str, Any] = {
+    return bases
+
+
+def _parts(merged: dict[str, Any]) -> list[dict[str, Any]]:
+    """Undo :func:`_merge`: the per-worker results of a merged ``frontier.json``."""
+    parts, first = [], 0
+    for shard in merged["shards"]:
+        prefix = f"size{shard['config']['size']}/"
+
+        def own(table: dict[str, Any], prefix: str = prefix) -> dict[str, Any]:
+            return {k.removeprefix(prefix): v for k, v in table.items() if k.startswith(prefix)}
+
+        parts.append({
+            "device": merged["device"], "config": shard["config"], "seconds": shard["seconds"],
+            "pretrained": own(merged["pretrained"]), "proxies": own(merged["proxies"]),
+            "runs": merged["runs"][first : first + shard["runs"]],
+        })  # fmt: skip
+        first += shard["runs"]
+    return parts
+
+
+def _merge(
+    results: list[dict[str, Any]],
+    decisions: dict[str, Any],
+    bases: dict[int, dict[str, float]],
+    seconds: float,
+) -> dict[str, Any]:
+    """One ``frontier.json`` of every worker's results (:func:`_parts` undoes it)."""
+    return {
         "device": results[0]["device"] if results else "?",
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "config": shared_config(results),
         "decisions": decisions,
         "shards": [
@@ -326,6 +324,114 @@ def main() -> int:
         "bases": {f"size{s}": b for s, b in bases.items()},
         "runs": [r for p in results for r in p["runs"]],
     }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--worker", type=Path, help="(internal) a worker's job file")
+    parser.add_argument(
+        "--budget",
+        choices=sorted(PRESET_BUDGETS),
+        default="gpu",
+        help="gpu: the plan as registered; cpu: its core at CPU scale (D = 256, 576, 1024); "
+        "tiny: a check of this script",
+    )
+    parser.add_argument(
+        "--plan", choices=["registered", "amended"], default="registered",
+        help="amended: Amendment 1 of the pre-registration (D = 1024 and 4096, no Dance-SDE, "
+        "no 16 passes)",
+    )  # fmt: skip
+    parser.add_argument("--pretrain-steps", type=int, help="override (Amendment 1: 3000)")
+    parser.add_argument("--pretrain-batch", type=int, help="override (Amendment 1: 128)")
+    parser.add_argument("--explore-time", type=float, default=90.0, help="seconds per worker")
+    parser.add_argument("--confirm-time", type=float, default=300.0, help="seconds per worker")
+    parser.add_argument(
+        "--deadline", type=float,
+        help="seconds this call may take: each wave's worker time limit is shortened to end "
+        "before it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--exploration-only", action="store_true", help="stop after the exploration wave"
+    )
+    parser.add_argument(
+        "--resume", type=Path,
+        help="an --exploration-only OUT: take its runs, clip ranges and decisions, and run "
+        "the confirmation wave only (generators from $REGCLIP_CACHE)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.worker:
+        return _worker(args.worker, args.out)
+    cfg = PRE
+    explore, confirm = exploration_shards(), confirmation_shards()
+    table = SIZES
+    if args.budget == "cpu":  # the plan at CPU scale, fewer arms
+        table = CPU_SIZES
+        cfg = dataclasses.replace(cfg, **CPU_SCALE)
+        explore, confirm = cpu_exploration_shards(), cpu_confirmation_shards()
+    elif args.budget != "gpu":  # a CPU check: the tiny network, two runs a shard
+        table = TINY_SIZES
+        cfg = dataclasses.replace(cfg, **PRESET_BUDGETS[args.budget], device="cpu")
+        explore = [(o, r[:2]) for o, r in explore]
+        confirm = [(o, r[:2]) for o, r in confirm]
+    if args.plan == "amended":
+        explore, confirm = amended(explore), amended(confirm)
+    for name in ("pretrain_steps", "pretrain_batch"):
+        if getattr(args, name) is not None:
+            cfg = dataclasses.replace(cfg, **{name: getattr(args, name)})
+    shards = explore + confirm  # pretrained and calibrated for, even with --exploration-only
+    if args.exploration_only:
+        confirm = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    codes: list[int] = []
+    if args.resume:  # the exploration wave ran in an earlier call
+        earlier = json.loads((args.resume / "frontier.json").read_text())
+        for overrides, runs in confirm:  # a worker must not pretrain: that is another plan
+            key = _config(cfg, overrides, table).pretrain_key()
+            missing = [r.seed for r in runs
+                       if not (cache_dir() / "pretrain" / f"{key}-seed{r.seed}.pt").exists()]  # fmt: skip
+            if missing:
+                parser.error(f"--resume: no cached generator {key} for seeds {sorted(set(missing))}"
+                             f" in {cache_dir() / 'pretrain'}")  # fmt: skip
+        decisions = earlier["decisions"]
+        bases = {int(k.removeprefix("size")): b for k, b in earlier["bases"].items()}
+        results = _parts(earlier)
+    else:
+        sizes = sorted({o.get("size", 64) for o, _ in shards})  # labels of the table
+        seeds = {
+            s: sorted({r.seed for o, runs in shards if o.get("size", 64) == s for r in runs})
+            for s in sizes
+        }
+        pre_jobs = []
+        for s in sizes:
+            job = {"config": _config(cfg, {"size": s}, table).to_json(), "pretrain_only": True}
+            pre_jobs.append(
+                _spawn({**job, "seeds": seeds[s], "runs": []}, args.out / f"pretrain{s}")
+            )
+        codes += [p.wait() for p in pre_jobs]
+        print(f"pretraining done ({time.perf_counter() - start:.0f} s), exit codes {codes}",
+              flush=True)  # fmt: skip
+        bases = _calibrate_bases(cfg, table, explore, shards)
+        print(f"bases {bases} ({time.perf_counter() - start:.0f} s)", flush=True)
+        limit = _time_limit(args.explore_time, start, None if confirm else args.deadline)
+        ecfg = dataclasses.replace(cfg, phase="exploration", time_limit=limit)
+        more, results = _run_wave(ecfg, explore, bases, args.out, "explore", {}, table)
+        codes += more
+        decisions = decide([r for p in results for r in p["runs"]])
+        (args.out / "decisions.json").write_text(json.dumps(decisions, indent=1))
+        print(f"exploration done ({time.perf_counter() - start:.0f} s): {decisions}", flush=True)
+    if confirm:
+        limit = _time_limit(args.confirm_time, start, args.deadline)
+        ccfg = dataclasses.replace(cfg, phase="confirmation", time_limit=limit)
+        more, confirmed = _run_wave(
+            ccfg, confirm, bases, args.out, "confirm", decisions["levels"], table
+        )
+        codes += more
+        results += confirmed
+    merged = _merge(results, decisions, bases, time.perf_counter() - start)
+    if args.resume:
+        merged["seconds"] += earlier["seconds"]
     dump_compact(merged, args.out / "frontier.json")
     print(
         f"merged {len(merged['runs'])} runs, exit codes {codes}, {merged['seconds']:.0f} s",
