@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import itertools
 import json
@@ -464,7 +465,14 @@ def build(arch: str, tiny: bool, device: torch.device) -> Any:
     return smoke.build_flux_pipeline("tiny" if tiny else "flux", seed=0, device=device.type)
 
 
-def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def bench_arch(
+    arch: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    save: Callable[[dict[str, Any]], None] = lambda entry: None,
+) -> dict[str, Any]:
+    """One architecture's entry of the report; ``save`` gets it after each section, so a run
+    stopped later keeps what it measured."""
     from accelerate import Accelerator
 
     s = dict(TINY if args.tiny else SETTINGS[arch])
@@ -526,11 +534,13 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device) -> dic
         }
         if up["peak_gib"] is not None:
             entry["peak_ratio"] = round(rc["peak_gib"] / up["peak_gib"], 3)
+    save(entry)
     rollouts = regclip.rewarded(regclip.trainer.sample())
     if not args.skip_levers:
         entry["first_batch_log_ratio"] = first_batch_log_ratio(regclip, rollouts[0])
         entry["levers"] = levers(regclip, rollouts, device)
         print(f"[{arch}] levers {json.dumps(entry['levers'])}", flush=True)
+        save(entry)
     if arch == "sd3" and not args.skip_max_batch:
         fraction = None
         if device.type == "cuda":
@@ -605,9 +615,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+
+    def save(arch: str, entry: dict[str, Any]) -> None:
+        report["archs"][arch] = entry
+        report["total_s"] = round(time.perf_counter() - start, 1)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
     for arch in args.arch:
         try:
-            report["archs"][arch] = bench_arch(arch, args, device)
+            report["archs"][arch] = bench_arch(arch, args, device, functools.partial(save, arch))
         except Exception as error:  # keep the other architecture's numbers
             report["archs"][arch] = {"error": f"{type(error).__name__}: {error}"[:500]}
         gc.collect()
