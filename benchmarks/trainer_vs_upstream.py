@@ -601,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # memory caps need an indexed device
+        device = torch.device("cuda", torch.cuda.current_device())
     report: dict[str, Any] = {
         "benchmark": "benchmarks/trainer_vs_upstream.py",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -625,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report["archs"][arch] = bench_arch(arch, args, device, functools.partial(save, arch))
         except Exception as error:  # keep the other architecture's numbers
-            report["archs"][arch] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            failed = {"error": f"{type(error).__name__}: {error}"[:500]}
+            report["archs"][arch] = {**report["archs"].get(arch, {}), **failed}
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
