@@ -542,3 +542,77 @@ def test_committed_cpu_confirmation_meets_the_schema_and_the_plan():
         for method in ("flow_grpo", "grpo_guard"):
             settings = {r["setting"] for r in mine if r["method"] == method}
             assert len(settings) >= 6 and "none" in settings and "0.0625" in settings
+
+
+def _load_frontier_driver():
+    """``benchmarks/frontier_gpu.py`` as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "frontier_gpu.py"
+    spec = importlib.util.spec_from_file_location("frontier_gpu", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _spec(run: dict) -> tuple:
+    return (run["phase"], run["size"], run["method"], run["clip_scale"], run["option"],
+            run["passes"], run["seed"], round(run["lr"], 9))  # fmt: skip
+
+
+def test_committed_gpu_confirmation_is_the_amended_plan_run_once():
+    """docs/results/confirm: exactly the runs of Amendment 1 (no more, none missing), every
+    run to its last iteration, the decisions the rule gives on the exploration runs alone."""
+    driver = _load_frontier_driver()
+    result = json.loads((ROOT / "docs/results/confirm/frontier.json").read_text())
+    runs = check_committed(result)
+    assert "H100" in result["device"] or "H200" in result["device"]
+    planned = []
+    for phase, shards in (("exploration", driver.amended(driver.exploration_shards())),
+                          ("confirmation", driver.amended(driver.confirmation_shards()))):  # fmt: skip
+        for overrides, specs in shards:
+            lr = overrides.get("lr", driver.PRE.lr)
+            planned += [(phase, driver.SIZES[overrides.get("size", 64)]["size"], r.method,
+                         r.clip_scale, r.option, r.passes, r.seed, round(lr, 9)) for r in specs]  # fmt: skip
+    assert sorted(map(_spec, runs), key=repr) == sorted(planned, key=repr)
+    assert all(r["curve"][-1]["iteration"] == driver.PRE.iterations for r in runs)
+    explored = [r for r in runs if r["phase"] == "exploration"]
+    assert result["decisions"] == decide(explored)
+    confirmed = {(r["size"], r["seed"]): r["pretrain_hash"] for r in runs
+                 if r["phase"] == "confirmation"}  # fmt: skip
+    assert len(set(confirmed.values())) == len(confirmed) == 16  # 8 replicates x 2 sizes
+
+
+@pytest.mark.parametrize("folder", ["confirm", "confirm_cpu"])
+def test_committed_report_recomputes_from_its_frontier_json(folder):
+    """Every number of a committed report.md is what the analysis gives on the committed runs."""
+    from regclip.demo.report import markdown_report
+
+    base = ROOT / "docs/results" / folder
+    result = json.loads((base / "frontier.json").read_text())
+    assert markdown_report(result) == (base / "report.md").read_text()
+
+
+INTERVAL = r"([+−-]\d\.\d+) \[([+−-]\d\.\d+), ([+−-]\d\.\d+)\]"
+
+
+def _intervals(text: str) -> set[tuple[str, ...]]:
+    import re
+
+    return {tuple(v.replace("−", "-") for v in m) for m in re.findall(INTERVAL, text)}
+
+
+def test_every_interval_the_readme_and_results_pages_quote_is_in_a_committed_report():
+    """An estimate with its interval, quoted in README.md, docs/results.md or
+    docs/clip_range.md, is copied from the report of the run it names, not typed from
+    memory; README quotes the GPU confirmation only."""
+    reports = "".join((ROOT / f"docs/results/{f}/report.md").read_text()
+                      for f in ("confirm", "confirm_cpu"))  # fmt: skip
+    known = _intervals(reports)
+    readme = (ROOT / "README.md").read_text()
+    pages = "".join((ROOT / f"docs/{p}.md").read_text() for p in ("results", "clip_range"))
+    quoted = _intervals(readme) | _intervals(pages)
+    assert len(quoted) >= 10
+    assert quoted <= known, sorted(quoted - known)
+    assert _intervals(readme) <= _intervals((ROOT / "docs/results/confirm/report.md").read_text())
