@@ -31,7 +31,15 @@ import matplotlib.pyplot as plt
 import torch
 
 from .analysis import interpolate, speed_gold_points
-from .report import SPEED_GRID, baseline_of, reported_runs, scaling_gaps, slice_levels, slices
+from .report import (
+    SPEED_GRID,
+    baseline_of,
+    lr_text,
+    reported_runs,
+    scaling_gaps,
+    slice_levels,
+    slices,
+)
 
 __all__ = ["write_plots"]
 
@@ -96,7 +104,8 @@ def _frontier(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("iterations to reach the proxy level (log; left is faster)")
         ax.set_ylabel("gold at that proxy level (up is better)")
         ax.set_title(
-            f"{sde}-SDE, D = {size * size}, {passes} pass(es), lr {lr:g}: proxy gain {level:.3g}",
+            f"{sde}-SDE, D = {size * size}, {passes} pass(es), {lr_text(lr, group)}: "
+            f"proxy gain {level:.3g}",
             fontsize=9,
         )
         ax.legend(fontsize=7, loc="best")

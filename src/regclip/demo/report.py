@@ -69,6 +69,14 @@ def baseline_of(sde: str) -> str:
     return "flow_grpo_dance" if sde == "dance" else "flow_grpo"
 
 
+def lr_text(lr: float, group: Sequence[Run]) -> str:
+    """A slice's learning rate as text: ``"lr 0.0001"``, or for a slice that pools several
+    (key lr 0, :func:`slices`) ``"learning rates 0.0001, 0.0004"``."""
+    if lr:
+        return f"lr {lr:g}"
+    return "learning rates " + ", ".join(sorted({f"{r['lr']:g}" for r in group}))
+
+
 def slices(runs: Sequence[Run]) -> dict[tuple[str, int, int, float], list[Run]]:
     """Runs by (kernel, image side, passes, lr): only runs of one slice are compared. With one
     pass clipping never acts, so runs at several learning rates form one slice (lr 0): their
@@ -143,12 +151,7 @@ def _slice_section(
     budget = min(r["curve"][-1]["iteration"] for r in group)
     lines = [
         "",
-        f"## {sde}-SDE, D = {size * size}, {passes} pass(es) per rollout, "
-        + (
-            f"lr {lr:g}"
-            if lr
-            else "learning rates " + ", ".join(sorted({f"{r['lr']:g}" for r in group}))
-        ),
+        f"## {sde}-SDE, D = {size * size}, {passes} pass(es) per rollout, {lr_text(lr, group)}",
         "",
         f"- Replicates: {len(reps)} ({', '.join(map(str, reps))}); runs: {len(group)}.",
         f"- Gold at the start: {_start(group)}.",
