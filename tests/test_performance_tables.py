@@ -1,0 +1,64 @@
+"""``benchmarks/performance_tables.py``: the tables of ``docs/performance.md``'s
+``regclip train`` section are what it renders from the committed result files, and the
+targets' verdicts in those files are what it computes from their figures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import performance_tables as pt
+
+
+def test_the_docs_tables_are_the_rendering_of_the_committed_results():
+    rendered = pt.load()
+    blocks = dict(pt.BLOCK.findall(pt.DOC.read_text()))
+    assert set(blocks) == set(rendered)
+    for name, table in rendered.items():
+        assert blocks[name] == table, (
+            f"rerun: python benchmarks/performance_tables.py --write ({name})"
+        )
+    assert pt.write(pt.DOC, rendered) == pt.DOC.read_text()
+
+
+def test_the_committed_verdicts_are_computed_from_the_committed_figures():
+    trainer = json.loads(pt.TRAINER.read_text())
+    for entry in trainer["archs"].values():
+        assert entry["targets"] == pt.trainer_targets(entry)
+    overhead = json.loads(pt.OVERHEAD.read_text())
+    for entry in overhead["archs"].values():
+        if "not_run" not in entry:
+            assert entry["target"] == pt.overhead_target(entry["paired_ratio"])
+
+
+def _entry(up_step: float, our_step: float, up_peak: float, our_peak: float) -> dict[str, Any]:
+    return {
+        "upstream": {"train_step_s": up_step, "iteration_s": 2 * up_step, "peak_gib": up_peak},
+        "regclip": {"train_step_s": our_step, "iteration_s": 2 * our_step, "peak_gib": our_peak},
+    }
+
+
+def test_trainer_targets_met_and_missed():
+    met = pt.trainer_targets(_entry(2.6, 2.0, 25.0, 24.0))
+    assert met["train_step_speedup"] == {
+        "target": 1.3, "measured": 1.3, "met": True, "time_cut_needed_pct": 0.0,
+    }  # fmt: skip
+    assert met["iteration_speedup"]["met"] and met["peak_gib"]["met"]
+    missed = pt.trainer_targets(_entry(2.0, 2.0, 25.0, 25.5))
+    step = missed["train_step_speedup"]
+    assert not step["met"] and step["time_cut_needed_pct"] == pytest.approx(23.1)
+    assert not missed["peak_gib"]["met"] and missed["peak_gib"]["excess_pct"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("ci95", "verdict"),
+    [([1.002, 1.01], "met"), ([1.0101, 1.02], "missed"), ([1.006, 1.02], "not settled")],
+)
+def test_overhead_verdict_follows_the_interval(ci95: list[float], verdict: str):
+    target = pt.overhead_target({"median": 1.008, "ci95": ci95})
+    assert target["verdict"] == verdict and target["median_pct"] == 0.8
