@@ -1,8 +1,11 @@
 """The frontier experiment on one GPU: many worker processes share it, each an ensemble.
 
     python benchmarks/frontier_gpu.py --out OUT [--exploration-only]
+    python benchmarks/frontier_gpu.py --out OUT2 --resume OUT     # the confirmation wave
 
-The pre-registered experiment of ``docs/results/preregistration.md``, in one call:
+The pre-registered experiment of ``docs/results/preregistration.md`` (``--plan amended``:
+its Amendment 1, which ``docs/results/confirm`` ran in two calls, ``--exploration-only``
+then ``--resume``):
 
 1. Pretrains every latent size's generators in parallel processes (or loads them from
    ``$REGCLIP_CACHE``), one generator per replicate seed.
