@@ -616,3 +616,38 @@ def test_every_interval_the_readme_and_results_pages_quote_is_in_a_committed_rep
     assert len(quoted) >= 10
     assert quoted <= known, sorted(quoted - known)
     assert _intervals(readme) <= _intervals((ROOT / "docs/results/confirm/report.md").read_text())
+
+
+def test_amended_plan_drops_exactly_what_amendment_1_names():
+    driver = _load_frontier_driver()
+    for shards in (driver.exploration_shards(), driver.confirmation_shards()):
+        kept = driver.amended(shards)
+        every = [(o.get("size", 64), r) for o, runs in shards for r in runs]
+        left = [(o.get("size", 64), r) for o, runs in kept for r in runs]
+        expected = [
+            (s, r) for s, r in every if s in (32, 64) and r.sde == "flow" and r.passes != 16
+        ]
+        assert left == expected and all(runs for _, runs in kept)
+        assert {s for s, _ in every} == {32, 64, 128}
+        assert any(r.sde == "dance" for _, r in every)
+
+
+def test_resume_recovers_each_workers_results_from_the_merged_file():
+    """``--resume`` rebuilds the exploration workers' results from the merged file, so the
+    final merge of both waves equals a merge made in one call."""
+    driver = _load_frontier_driver()
+
+    def part(size: int, seeds: list[int], phase: str) -> dict:
+        runs = [{"seed": s, "phase": phase, "size": size} for s in seeds]
+        return {"device": "gpu", "config": {"size": size, "lr": 1e-4}, "seconds": 1.0,
+                "pretrained": {str(s): f"h{size}{s}" for s in seeds},
+                "proxies": {str(s): {"disc": 0.5} for s in seeds}, "runs": runs}  # fmt: skip
+
+    parts = [part(64, [100, 101], "exploration"), part(32, [100], "exploration"),
+             part(64, [102], "exploration")]  # fmt: skip
+    decisions, bases = {"levels": {"64": [0.1]}}, {64: {"flow_grpo": 1e-4}}
+    explored = json.loads(json.dumps(driver._merge(parts, decisions, bases, 3.0)))
+    assert [p["runs"] for p in driver._parts(explored)] == [p["runs"] for p in parts]
+    confirmed = [part(64, [200, 201], "confirmation")]
+    resumed = driver._merge(driver._parts(explored) + confirmed, decisions, bases, 4.0)
+    assert resumed == driver._merge(parts + confirmed, decisions, bases, 4.0)
