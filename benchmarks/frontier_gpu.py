@@ -39,7 +39,7 @@ from regclip.demo.arms import RunSpec
 from regclip.demo.config import CLIP_GRID, PRESET_BUDGETS, DemoConfig
 from regclip.demo.engine import calibrate
 from regclip.demo.experiment import dump_compact, run_experiment
-from regclip.demo.pretrain import cache_dir, load_or_pretrain
+from regclip.demo.pretrain import checkpoint_path, load_or_pretrain
 from regclip.demo.reward import fit_proxy
 from regclip.demo.world import DiscWorld
 
@@ -391,12 +391,11 @@ def main() -> int:
     if args.resume:  # the exploration wave ran in an earlier call
         earlier = json.loads((args.resume / "frontier.json").read_text())
         for overrides, runs in confirm:  # a worker must not pretrain: that is another plan
-            key = _config(cfg, overrides, table).pretrain_key()
-            missing = [r.seed for r in runs
-                       if not (cache_dir() / "pretrain" / f"{key}-seed{r.seed}.pt").exists()]  # fmt: skip
+            scfg = _config(cfg, overrides, table)
+            missing = sorted({r.seed for r in runs if not checkpoint_path(scfg, r.seed).exists()})
             if missing:
-                parser.error(f"--resume: no cached generator {key} for seeds {sorted(set(missing))}"
-                             f" in {cache_dir() / 'pretrain'}")  # fmt: skip
+                parser.error(f"--resume: no cached generator for seeds {missing}: "
+                             f"{checkpoint_path(scfg, missing[0])} is missing")  # fmt: skip
         decisions = earlier["decisions"]
         bases = {int(k.removeprefix("size")): b for k, b in earlier["bases"].items()}
         results = _parts(earlier)

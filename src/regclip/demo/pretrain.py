@@ -29,7 +29,7 @@ from .nets import EnsembleMixer
 from .rollout import ode_sample, time_schedule
 from .world import DiscWorld, fit_discs, to_image, to_model
 
-__all__ = ["Pretrained", "cache_dir", "load_or_pretrain", "weights_hash"]
+__all__ = ["Pretrained", "cache_dir", "checkpoint_path", "load_or_pretrain", "weights_hash"]
 
 
 def cache_dir() -> Path:
@@ -40,6 +40,11 @@ def cache_dir() -> Path:
     if sys.platform == "win32" and (local := os.environ.get("LOCALAPPDATA")):
         return Path(local) / "regclip"
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "regclip"
+
+
+def checkpoint_path(cfg: DemoConfig, seed: int) -> Path:
+    """Where the generator of ``cfg``'s pretraining fields and ``seed`` is cached."""
+    return cache_dir() / "pretrain" / f"{cfg.pretrain_key()}-seed{seed}.pt"
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
@@ -118,14 +123,13 @@ def load_or_pretrain(
     log: Callable[[str], None] = print,
 ) -> Pretrained:
     """The members for ``seeds``: from the cache where present, else trained (and cached)."""
-    folder = cache_dir() / "pretrain"
-    paths = {s: folder / f"{cfg.pretrain_key()}-seed{s}.pt" for s in seeds}
+    paths = {s: checkpoint_path(cfg, s) for s in seeds}
     missing = [s for s in seeds if not paths[s].exists()]
     start = time.perf_counter()
     if missing:
         log(f"pretraining {len(missing)} generator(s) (D = {cfg.size**2}); cached afterwards")
         net = _train(cfg, missing, device, log)
-        folder.mkdir(parents=True, exist_ok=True)
+        paths[missing[0]].parent.mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(missing):
             buffer = io.BytesIO()
             torch.save({k: v.cpu() for k, v in net.member_state(i).items()}, buffer)
