@@ -625,16 +625,15 @@ def main(argv: list[str] | None = None) -> int:
 
     for arch in args.arch:
         try:
-            report["archs"][arch] = bench_arch(arch, args, device, functools.partial(save, arch))
+            entry = bench_arch(arch, args, device, functools.partial(save, arch))
         except Exception as error:  # keep the other architecture's numbers
             failed = {"error": f"{type(error).__name__}: {error}"[:500]}
-            report["archs"][arch] = {**report["archs"].get(arch, {}), **failed}
+            entry = {**report["archs"].get(arch, {}), **failed}
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(f"[{arch}] {json.dumps(report['archs'][arch])[:2000]}", flush=True)
-        report["total_s"] = round(time.perf_counter() - start, 1)
-        out.write_text(json.dumps(report, indent=1) + "\n")  # after each arch: partial runs keep
+        print(f"[{arch}] {json.dumps(entry)[:2000]}", flush=True)
+        save(arch, entry)  # after each arch: partial runs keep
     print(f"wrote {out} in {report['total_s']} s")
     return 1 if any("error" in e for e in report["archs"].values()) else 0
 
