@@ -365,6 +365,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         return _worker(args.worker, args.out)
+    if args.resume and not (args.resume / "frontier.json").is_file():
+        parser.error(f"--resume: {args.resume / 'frontier.json'} not found (run with "
+                     "--exploration-only first)")  # fmt: skip
     cfg = PRE
     explore, confirm = exploration_shards(), confirmation_shards()
     table = SIZES
