@@ -22,7 +22,8 @@ weights, shared by both sides, are in every figure).
 
 Also measured, on the regclip side, the train step with one lever at a time switched
 back (``levers``: gradient checkpointing on, eager loss, value checks on, foreach AdamW,
-and ``timesteps_per_call`` 3), one repeat each; and, for SD3, the largest batch whose
+``timesteps_per_call`` 3, and with ``--compile`` the transformer run eagerly), one repeat
+each (the faster of two with ``--compile``); and, for SD3, the largest batch whose
 train step fits on an 80 GB H100 (``max_batch``: memory capped at that card's 81559 MiB
 with ``torch.cuda.set_per_process_memory_fraction``; a linear fit of the peak at two batch
 sizes, then probes around the prediction, catching out-of-memory).
@@ -321,8 +322,12 @@ def first_batch_log_ratio(side: Regclip, rollout: Any, per_call: int = 3) -> dic
     return out
 
 
-def levers(side: Regclip, rollouts: list[Any], device: torch.device) -> dict[str, Any]:
-    """The regclip train step with one speed lever switched back at a time (one run each)."""
+def levers(
+    side: Regclip, rollouts: list[Any], device: torch.device, runs: int = 1
+) -> dict[str, Any]:
+    """The regclip train step with one speed lever switched back at a time: the fastest of
+    ``runs`` runs each (with a compiled transformer the first run of a lever that changes
+    a shape or the backward compiles)."""
     trainer = side.trainer
     model = trainer.unwrapped
     fused_optimizer = trainer.optimizer.optimizer
@@ -357,6 +362,9 @@ def levers(side: Regclip, rollouts: list[Any], device: torch.device) -> dict[str
 
         return switch
 
+    def eager_transformer(on: bool) -> None:
+        torch.compiler.set_stance("force_eager" if on else "default")
+
     variants: dict[str, list[Callable[[bool], None]]] = {
         "baseline": [],
         "gradient_checkpointing": [checkpointing],
@@ -365,16 +373,20 @@ def levers(side: Regclip, rollouts: list[Any], device: torch.device) -> dict[str
         "foreach_adamw": [foreach_adamw],
         "timesteps_per_call_3": [stacked(3)],
     }
+    if trainer.config.compile_transformer:
+        variants["eager_transformer"] = [eager_transformer]
     result: dict[str, Any] = {}
     for name, switches in variants.items():
         meter = Meter(device)
         try:
             for switch in switches:
                 switch(True)
-            meter.run("train_step", lambda: side.train_step(rollouts))
+            for _ in range(runs):
+                meter.run("train_step", lambda: side.train_step(rollouts))
+            best = min(range(runs), key=meter.seconds["train_step"].__getitem__)
             result[name] = {
-                "train_step_s": round(meter.seconds["train_step"][0], 4),
-                "peak_gib": round(meter.peaks["train_step"][0], 2)
+                "train_step_s": round(meter.seconds["train_step"][best], 4),
+                "peak_gib": round(meter.peaks["train_step"][best], 2)
                 if meter.peaks["train_step"]
                 else None,
             }
@@ -538,7 +550,7 @@ def bench_arch(
     rollouts = regclip.rewarded(regclip.trainer.sample())
     if not args.skip_levers:
         entry["first_batch_log_ratio"] = first_batch_log_ratio(regclip, rollouts[0])
-        entry["levers"] = levers(regclip, rollouts, device)
+        entry["levers"] = levers(regclip, rollouts, device, runs=2 if args.compile else 1)
         print(f"[{arch}] levers {json.dumps(entry['levers'])}", flush=True)
         save(entry)
     if arch == "sd3" and not args.skip_max_batch:

@@ -4,6 +4,8 @@
   (``timesteps_per_call``) gives the per-timestep loop's gradient and parameter update
   (float64 model, tolerance of float32 velocities); presets whose loss couples a batch's
   rows are refused.
+* Compiling the transformer's repeated blocks (``compile_transformer``) gives the eager
+  gradient, and every block runs compiled.
 * The update reads no device value on the host until its end: every host read
   (``item``, ``tolist``, ``cpu``, ``numpy``, ``float``/``int``/``bool``/index of a tensor) made
   from regclip, diffusers, peft or accelerate code inside :meth:`GRPOTrainer.accumulate`
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from regclip.trainer import GRPOTrainer, TrainConfig, build_components
-from regclip.trainer.trainer import timestep_chunks
+from regclip.trainer.trainer import compile_blocks, timestep_chunks
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 GUARDED = ("/regclip/", "/diffusers/", "/peft/", "/accelerate/")
@@ -136,12 +138,46 @@ def test_update_reads_no_device_value_before_its_end(
     assert all(v.ndim == 0 and torch.isfinite(v) for v in sums.values())
 
 
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_compiled_blocks_give_the_eager_gradient(tmp_path: Path, arch: str) -> None:
+    """Dynamo traces every repeated block with its LoRA layers (AOT autograd builds the
+    backward; ``aot_eager`` runs the traced graphs without code generation, so the CPU
+    needs no compiler) and the update's gradients equal the eager trainer's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    eager = _trainer(tmp_path / "eager", arch)
+    compiled = _trainer(tmp_path / "compiled", arch)
+    counter = CompileCounterWithBackend("aot_eager")
+    names = compiled.arch.repeated_blocks
+    blocks = [m for m in compiled.unwrapped.modules() if type(m).__name__ in names]
+    assert compile_blocks(compiled.unwrapped, names, backend=counter) == len(blocks) >= 2
+    eager_grads, eager_step = _update_with_grads(eager)
+    compiled_grads, compiled_step = _update_with_grads(compiled)
+    torch._dynamo.reset()
+    assert counter.frame_count >= len(names)  # one graph per block variant at least
+    assert len(compiled_grads) == len(eager_grads) > 0
+    for got, want in zip(compiled_grads + compiled_step, eager_grads + eager_step, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_blocks_names_the_missing_block_class() -> None:
+    with pytest.raises(ValueError, match="no JointTransformerBlock block in Linear"):
+        compile_blocks(torch.nn.Linear(2, 2), ("JointTransformerBlock",))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize(("arch", "per_call"), [("sd3", 1), ("flux", 3)])
-def test_update_on_cuda_never_synchronises(tmp_path: Path, arch: str, per_call: int) -> None:
+@pytest.mark.parametrize(
+    ("arch", "per_call", "compiled"), [("sd3", 1, False), ("flux", 3, False), ("sd3", 1, True)]
+)
+def test_update_on_cuda_never_synchronises(
+    tmp_path: Path, arch: str, per_call: int, compiled: bool
+) -> None:
     """The real check behind the CPU proxy above: CUDA's sync debug mode raises on any
     synchronising call (``item``, blocking copies either way, ``nonzero``...)."""
-    trainer = _trainer(tmp_path, arch, device="cuda", timesteps_per_call=per_call)
+    trainer = _trainer(
+        tmp_path, arch, device="cuda", timesteps_per_call=per_call, compile_transformer=compiled
+    )
     rollouts, _ = trainer.rollout()
     trainer.accumulate(rollouts)  # warm-up: kernels compile, caches fill
     torch.cuda.synchronize()

@@ -146,6 +146,9 @@ class Architecture(ABC):
     """The published full-size transformer config (architecture only, random weights)."""
     tiny_config: ClassVar[dict[str, Any]]
     """A tiny config of the same class for CPU tests and ``--smoke``."""
+    repeated_blocks: ClassVar[tuple[str, ...]]
+    """Class names of the transformer's repeated blocks (what ``--compile-transformer``
+    compiles, one graph per block variant)."""
     scheduler_config: ClassVar[dict[str, Any]]
     """The pipeline's ``FlowMatchEulerDiscreteScheduler`` config."""
     vae_scale_factor: int = 8
@@ -272,6 +275,7 @@ class SD3Architecture(Architecture):
 
     name = "sd3"
     model_class_name = "SD3Transformer2DModel"
+    repeated_blocks = ("JointTransformerBlock",)
     # stabilityai/stable-diffusion-3.5-medium, transformer/config.json
     full_config: ClassVar[dict[str, Any]] = {
         "sample_size": 128,
@@ -366,6 +370,7 @@ class FluxArchitecture(Architecture):
 
     name = "flux"
     model_class_name = "FluxTransformer2DModel"
+    repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     # black-forest-labs/FLUX.1-dev, transformer/config.json
     full_config: ClassVar[dict[str, Any]] = {
         "patch_size": 1,

@@ -251,7 +251,9 @@ class TrainConfig:
         range=AT_LEAST_1,
     )  # fmt: skip
     compile_transformer: bool = _field(
-        False, "torch.compile the transformer (the first calls of each shape compile)"
+        False,
+        "torch.compile the transformer's repeated blocks (regional compilation; the "
+        "first calls of each block variant, shape and grad mode compile)",
     )
     ema_decay: float | None = _field(
         None, "keep an EMA of the trained weights with this decay (default: none)",
@@ -259,9 +261,9 @@ class TrainConfig:
     )  # fmt: skip
     cudnn_attention: bool = _field(
         True,
-        "allow cuDNN scaled-dot-product attention; --no-cudnn-attention turns it off for the "
-        "whole process (a workaround for 'illegal memory access' in the Flux backward seen on "
-        "an H100 with torch 2.11)",
+        "allow cuDNN scaled-dot-product attention; --no-cudnn-attention keeps the trainer's "
+        "transformer calls off it (a workaround for 'illegal memory access' in the Flux "
+        "backward seen on an H100 with torch 2.11)",
     )
     # run
     iterations: int = _field(100, "training iterations (rollout + update)", range=AT_LEAST_1)

@@ -35,6 +35,7 @@ the same autocast to the prepared model, so both passes compute in the same prec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -71,6 +72,7 @@ __all__ = [
     "GRPOTrainer",
     "build_kernel",
     "build_loss",
+    "compile_blocks",
     "decode_images",
     "select_trainable",
     "timestep_chunks",
@@ -176,6 +178,32 @@ def select_trainable(transformer: nn.Module, config: TrainConfig) -> list[nn.Par
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
+def compile_blocks(transformer: nn.Module, names: tuple[str, ...], **options: Any) -> int:
+    """``torch.compile`` each submodule of ``transformer`` whose class is named in ``names``
+    (regional compilation: the blocks of one variant share one graph, so a 24-block model
+    compiles a few graphs instead of one large one). ``options`` go to ``torch.compile``.
+    Returns how many blocks were compiled; an error when none matched."""
+    blocks = [m for m in transformer.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"no {' or '.join(names)} block in {type(transformer).__name__}")
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def attention_backends(cudnn: bool) -> contextlib.AbstractContextManager[Any]:
+    """The scaled-dot-product attention backends the transformer may use inside this
+    context: all (``cudnn``), or all but cuDNN. Scoped, so the process-wide choice is
+    left as the caller set it."""
+    if cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    )
+
+
 def _seed(*keys: int) -> int:
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)
     return int(state[0] % (2**63))
@@ -222,8 +250,6 @@ class GRPOTrainer:
             cpu=config.device == "cpu",
         )
         self.device = self.accelerator.device
-        if not config.cudnn_attention:
-            torch.backends.cuda.enable_cudnn_sdp(False)
         self.input_dtype = dtype_from_name(config.weight_dtype)
 
         transformer = components.transformer
@@ -233,7 +259,7 @@ class GRPOTrainer:
             transformer.enable_gradient_checkpointing()  # type: ignore[operator]
         transformer.to(self.device)
         if config.compile_transformer:
-            transformer.compile()
+            compile_blocks(transformer, self.arch.repeated_blocks)
         optimizer = torch.optim.AdamW(
             self.trainable,
             lr=config.lr,
@@ -330,7 +356,7 @@ class GRPOTrainer:
         for b, start in enumerate(range(0, len(ids), self.config.batch_size)):
             batch_ids = ids[start : start + self.config.batch_size]
             embeds = self.embeds.select(batch_ids)
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), attention_backends(self.config.cudnn_attention):
                 rollouts.append(
                     sample_rollout(
                         model,
@@ -380,12 +406,19 @@ class GRPOTrainer:
         :func:`~regclip.trainer.rollout.recompute_transitions` orders them)."""
         if rollout.advantages is None:
             raise ValueError("the rollout has no advantages: run `rollout()` first")
-        mean, std = recompute_transitions(
-            self.model, self.arch, self.kernel, rollout, ks, self.sampler, dtype=self.input_dtype
-        )
-        extra = {}
-        if self.config.kl_coef > 0:
-            extra["ref_mean"] = self._reference_mean(rollout, ks)
+        with attention_backends(self.config.cudnn_attention):
+            mean, std = recompute_transitions(
+                self.model,
+                self.arch,
+                self.kernel,
+                rollout,
+                ks,
+                self.sampler,
+                dtype=self.input_dtype,
+            )
+            extra = {}
+            if self.config.kl_coef > 0:
+                extra["ref_mean"] = self._reference_mean(rollout, ks)
         if rollout.old_means is not None:
             old_mean = rollout.stacked(rollout.old_means, ks)
         else:
