@@ -88,6 +88,11 @@ class RegclipOptions:
     the authors' batch-mean guard) is refused when it is built."""
     means_device: str = "same"
     """Where rollout means are kept: ``same`` (the rollout's device) or ``cpu``."""
+    validate: str = "first"
+    """Value checks of the loss inputs (finite, signs): ``first`` on the loss calls up to
+    the first logged optimizer step (a mis-wired run fails there, in one line), then off,
+    so a step reads nothing back to the host; ``always`` on every call (each check a
+    device synchronisation)."""
     max_steps: int = 0
     """Stop cleanly after this many logged optimizer steps (0: never)."""
     src: str | None = None
@@ -102,6 +107,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reweight": ("auto", "inverse_dt", "equalizing"),
     "ratio_source": ("auto", "log_prob", "closed_form"),
     "means_device": ("same", "cpu"),
+    "validate": ("first", "always"),
 }
 """The allowed values of the string options that have a fixed set."""
 
@@ -282,68 +288,91 @@ class TransitionStore:
     which upstream stores verbatim (``next_latents``) and which is a fresh Gaussian sample,
     so distinct transitions have distinct keys. A key is the first ``key_size`` values of
     the draw in float64. Memory: one (C, H, W) float32 mean per stored transition, as much
-    as upstream's own latents; ``device="cpu"`` keeps them off the accelerator.
+    as upstream's own latents; ``device="cpu"`` keeps them off the accelerator (each
+    :meth:`record` then copies to the host, a synchronisation).
+
+    :meth:`record` reads nothing back to the host: it keeps each draw's key values on the
+    draw's device, and the first :meth:`lookup` (or ``len``) after it brings the keys of
+    every draw recorded since to the host in one transfer.
     """
 
     def __init__(self, device: str | torch.device | None = None, key_size: int = 16) -> None:
         self.device = device
         self.key_size = key_size
         self._rows: dict[bytes, dict[str, Tensor]] = {}
+        self._pending: list[tuple[Tensor, dict[str, Tensor]]] = []  # (B, key_size), (B, ...)
         self._heads: Tensor | None = None  # (N, key_size) float64, for the rounding fallback
         self._head_keys: list[bytes] = []
 
     def __len__(self) -> int:
+        self._settle()
         return len(self._rows)
 
     def clear(self) -> None:
         self._rows.clear()
+        self._pending.clear()
         self._heads = None
         self._head_keys = []
 
-    def _head(self, next_sample: Tensor) -> Tensor:
-        head = next_sample.detach().reshape(next_sample.shape[0], -1)[:, : self.key_size]
-        return head.to(device="cpu", dtype=torch.float64)
+    def _device_heads(self, draws: Tensor) -> Tensor:
+        head = draws.detach().reshape(draws.shape[0], -1)[:, : self.key_size]
+        return head.to(torch.float64, copy=True)  # a copy: the draw may change in place later
 
-    def _keys(self, next_sample: Tensor) -> list[bytes]:
-        return [row.tobytes() for row in self._head(next_sample).numpy()]
+    def heads(self, draws: Tensor) -> Tensor:
+        """(N, key_size) float64 key values (on the host) of the N draws (N, ...): one
+        device-to-host transfer, which a caller can make once for many lookups."""
+        return self._device_heads(draws).cpu()
 
-    def _rounded(self, next_sample: Tensor, keys: list[bytes]) -> list[bytes]:
-        """Keys of the stored draws that equal ``next_sample`` once rounded to its dtype: a
-        pipeline may keep its latents in bf16/fp16 after the fp32 step that drew them."""
+    def _settle(self) -> None:
+        """Key the draws recorded since the last call (one transfer for all of them)."""
+        if not self._pending:
+            return
+        heads = torch.cat([h.to(self._pending[0][0].device) for h, _ in self._pending])
+        keys = iter(row.tobytes() for row in heads.cpu().numpy())
+        for batch_heads, values in self._pending:
+            for b in range(batch_heads.shape[0]):
+                self._rows[next(keys)] = {name: value[b] for name, value in values.items()}
+        self._pending.clear()
+
+    def _rounded(self, heads: Tensor, dtype: torch.dtype, keys: list[bytes]) -> list[bytes]:
+        """Keys of the stored draws that equal the looked-up draws (key values ``heads``,
+        stored as ``dtype``) once rounded to ``dtype``: a pipeline may keep its latents in
+        bf16/fp16 after the fp32 step that drew them."""
         if len(self._head_keys) != len(self._rows):
             self._head_keys = list(self._rows)
-            heads = [torch.frombuffer(bytearray(k), dtype=torch.float64) for k in self._head_keys]
-            self._heads = torch.stack(heads) if heads else None
+            stored = [torch.frombuffer(bytearray(k), dtype=torch.float64) for k in self._head_keys]
+            self._heads = torch.stack(stored) if stored else None
         if self._heads is None:
             return keys
-        rounded = self._heads.to(next_sample.dtype).to(torch.float64)
+        rounded = self._heads.to(dtype).to(torch.float64)
         found = []
-        for key, head in zip(keys, self._head(next_sample), strict=True):
+        for key, head in zip(keys, heads, strict=True):
             match = (rounded == head).all(dim=1).nonzero()
             found.append(self._head_keys[int(match[0])] if len(match) == 1 else key)
         return found
 
     def record(self, next_sample: Tensor, **per_sample: Tensor) -> None:
         """Store ``per_sample`` tensors ((B, ...) each) under the keys of ``next_sample``."""
-        for b, key in enumerate(self._keys(next_sample)):
-            values = {
-                name: (
-                    value[b].detach().to(self.device)
-                    if self.device is not None
-                    else value[b].detach()
-                )
-                for name, value in per_sample.items()
-            }
-            self._rows[key] = values
+        values = {
+            name: value.detach().to(self.device) if self.device is not None else value.detach()
+            for name, value in per_sample.items()
+        }
+        self._pending.append((self._device_heads(next_sample), values))
 
-    def lookup(self, next_sample: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+    def lookup(
+        self, next_sample: Tensor, names: Iterable[str], heads: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Stacked (B, ...) tensors ``names`` for the transitions whose draw is
         ``next_sample``, on ``next_sample``'s device. Pass the draws in the dtype upstream
-        stored them: bf16/fp16 draws are also matched to fp32 recorded ones rounded alike."""
-        keys = self._keys(next_sample)
+        stored them: bf16/fp16 draws are also matched to fp32 recorded ones rounded alike.
+        ``heads``: the draws' :meth:`heads`, when the caller has them (then the lookup reads
+        nothing back from the device)."""
+        self._settle()
+        heads = self.heads(next_sample) if heads is None else heads
+        keys = [row.tobytes() for row in heads.numpy()]
         low_precision = next_sample.dtype in (torch.bfloat16, torch.float16)
         if low_precision and any(key not in self._rows for key in keys):
-            keys = self._rounded(next_sample, keys)
+            keys = self._rounded(heads, next_sample.dtype, keys)
         missing = sum(key not in self._rows for key in keys)
         if missing:
             raise KeyError(
@@ -404,6 +433,8 @@ class MetricLog:
         self.prefix = prefix
         self._sums: dict[str, Tensor] = {}  # metric name -> 0-d running sum
         self._calls = 0
+        self.flushes = 0
+        """How many flushes returned metrics (logged optimizer steps)."""
         self._by_step: dict[int, Tensor] = {}  # int step index -> (F,) sums of _FIELDS
         self._rows: list[tuple[Tensor, Tensor]] = []  # tensor step indices: ((B,), (B, F))
 
@@ -447,6 +478,7 @@ class MetricLog:
         """The means since the last flush (one device-to-host transfer); then resets."""
         if self._calls == 0:
             return {}
+        self.flushes += 1
         names = list(self._sums)
         known = sorted(self._by_step)
         n_fields = len(self._FIELDS)
@@ -575,6 +607,12 @@ class UpstreamAdapter:
 
     def install(self: _AdapterT) -> _AdapterT:
         raise NotImplementedError
+
+    def validated(self, loss_fn: GuardedPPOLoss) -> GuardedPPOLoss:
+        """``loss_fn`` with its value checks on or off for this call
+        (:attr:`RegclipOptions.validate`)."""
+        loss_fn.validate = self.options.validate == "always" or self.metrics.flushes == 0
+        return loss_fn
 
     def uninstall(self) -> None:
         self._patches.undo()

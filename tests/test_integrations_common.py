@@ -606,3 +606,31 @@ def test_flow_grpo_adapter_builds_one_loss_per_schedule_and_never_swaps_its_kern
     assert other is not first and other.kernel.sigma_max == pytest.approx(0.8)
     assert first.kernel.sigma_max == pytest.approx(0.9)  # the first loss is untouched
     assert adapter.loss_fn is other
+
+
+def test_store_records_without_host_reads_and_keys_all_draws_in_one(monkeypatch) -> None:
+    """``record`` reads nothing back; the first lookup keys every draw recorded since in
+    one transfer; a lookup given the draws' heads reads nothing."""
+    g = torch.Generator().manual_seed(11)
+    draws = [torch.randn(4, 4, 8, generator=g) for _ in range(3)]
+    means = [torch.randn(4, 4, 8, generator=g) for _ in range(3)]
+    store = TransitionStore()
+    heads = store.heads(draws[1])
+    copies: list[tuple[int, ...]] = []
+    host_copy = torch.Tensor.cpu
+
+    def cpu(self, *args, **kwargs):
+        copies.append(tuple(self.shape))
+        return host_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    for draw, mean in zip(draws, means, strict=True):
+        store.record(draw, mean=mean)
+    assert copies == []
+    found = store.lookup(draws[1], ["mean"], heads=heads)["mean"]
+    assert copies == [(12, store.key_size)]
+    torch.testing.assert_close(found, means[1], rtol=0, atol=0)
+    draws[2].mul_(2.0)  # the draw changes in place after it was recorded: its key does not
+    found = store.lookup(draws[2] / 2.0, ["mean"])  # without heads: one transfer for them
+    assert copies == [(12, store.key_size), (4, store.key_size)] and len(store) == 12
+    torch.testing.assert_close(found["mean"], means[2], rtol=0, atol=0)

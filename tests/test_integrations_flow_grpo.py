@@ -238,3 +238,50 @@ def test_incompatible_upstream_fails_with_the_commit_in_the_message(up, monkeypa
     assert up.commit is not None  # a supported checkout, recognized by its script's contents
     with pytest.raises(IncompatibleUpstreamError, match=up.commit[:7]):
         check_compatible(up)
+
+
+def test_a_training_batch_reads_the_device_once_whatever_its_step_count(up, logger, monkeypatch):
+    """The loss's inputs for every step of a batch (t, dt, store keys) come to the host in
+    one go on its first step; the loss checks values until the first logged optimizer step
+    (``--regclip_validate first``), then not."""
+    import sys
+
+    from integrations.flow_grpo import smoke
+    from integrations.flow_grpo.adapter import FlowGRPOAdapter
+
+    steps = 4
+    pipe, config, embeds = _setup(up, seed=5, num_steps=steps)
+    adapter = FlowGRPOAdapter(up)
+    with adapter, torch.no_grad():
+        _, sample = smoke.rollout(up, pipe, embeds, config, resolution=16)
+    rewards = torch.randn(4, generator=torch.Generator().manual_seed(6))
+    sample = smoke.with_advantages(sample, rewards, group=2, steps=steps)
+    reads: list[str] = []
+    host_copy = torch.Tensor.cpu
+
+    def cpu(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code
+        if "/integrations/" in caller.co_filename:
+            reads.append(caller.co_name)
+        return host_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    validated: list[bool] = []
+    checks = adapter.validated
+
+    def recording(loss_fn):
+        validated.append(checks(loss_fn).validate)
+        return loss_fn
+
+    monkeypatch.setattr(adapter, "validated", recording)
+    for _ in range(2):  # two optimizer steps over the same batch
+        with adapter:
+            accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
+            smoke.run_timestep_loop(up, pipe, sample, config, accelerator, NoStep(), embeds)
+    # the schedule and timesteps, the draws' keys, the recorded keys: once for 8 loss calls
+    assert sorted(reads) == ["_batch_schedule", "_batch_schedule", "_settle", "heads"]
+    assert validated == [True] * steps + [False] * steps
+    assert adapter.loss_fn is not None and adapter.loss_fn.validate is False
+    always = FlowGRPOAdapter(up, RegclipOptions(validate="always"))
+    always.metrics.flushes = 3
+    assert always.validated(adapter.loss_fn).validate is True

@@ -278,7 +278,7 @@ class DanceGRPOAdapter(UpstreamAdapter):
         device = next_sample.device
         t = torch.full((batch,), current.t, device=device)
         dt = torch.full((batch,), current.dt, device=device)
-        loss_fn = self._loss_fn(args)
+        loss_fn = self.validated(self._loss_fn(args))
         out = loss_fn(
             advantages=self.advantages.to(device)[old["row"]],
             mean=current.mean,

@@ -43,6 +43,7 @@ import inspect
 import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -398,6 +399,29 @@ class _TrainStep:
     ref_mean: Tensor | None = None
 
 
+@dataclass
+class _BatchSchedule:
+    """One training batch of upstream's samples, read to the host once for all its steps
+    ``j`` (one synchronisation per batch rather than several per loss call): the
+    schedule's sigmas, every transition's t and dt on the device, and the store keys of its
+    draws. Identified by the sample's ``next_latents`` and ``timesteps`` tensors and the
+    scheduler's ``sigmas``, held weakly (a freed tensor never matches a new one)."""
+
+    sources: tuple[weakref.ref[Tensor], ...]
+    sigmas: Tensor  # (S + 1,) float32, host
+    t: Tensor  # (B, T) float32, device
+    dt: Tensor  # (B, T) float32, device
+    heads: Tensor  # (B, T, key_size) float64, host
+
+    @staticmethod
+    def identity(sample: dict[str, Tensor], scheduler: Any) -> tuple[Tensor, ...]:
+        return sample["next_latents"], sample["timesteps"], scheduler.sigmas
+
+    def is_for(self, sample: dict[str, Tensor], scheduler: Any) -> bool:
+        now = self.identity(sample, scheduler)
+        return all(ref() is tensor for ref, tensor in zip(self.sources, now, strict=True))
+
+
 class _Forward:
     """A logger whose ``log`` is a given function (for ``accelerator.log``)."""
 
@@ -421,6 +445,7 @@ class FlowGRPOAdapter(UpstreamAdapter):
         self._log_signature = inspect.signature(upstream.train_module.compute_log_prob)
         self.logger: LoggerProxy | None = None
         self._loss_kernel_key: tuple[Any, ...] | None = None
+        self._batch: _BatchSchedule | None = None
 
     @property
     def spec(self) -> ScriptSpec:
@@ -566,6 +591,32 @@ class FlowGRPOAdapter(UpstreamAdapter):
             return batch.expand(dt.shape)
         return batch * torch.sqrt(-dt)
 
+    def _batch_schedule(self, step: _TrainStep) -> _BatchSchedule:
+        """The :class:`_BatchSchedule` of ``step``'s batch, computed on its first step.
+
+        Each t is ``sigmas[scheduler.index_for_timestep(timestep)]`` (the index upstream's SDE
+        step uses) and dt the next sigma minus it."""
+        scheduler = step.pipeline.scheduler
+        if self._batch is not None and self._batch.is_for(step.sample, scheduler):
+            return self._batch
+        draws, timesteps, _ = sources = _BatchSchedule.identity(step.sample, scheduler)
+        schedule = scheduler.timesteps.cpu()
+        index = torch.tensor(
+            [[scheduler.index_for_timestep(t, schedule) for t in row] for row in timesteps.cpu()]
+        )
+        sigmas = scheduler.sigmas.to(device="cpu", dtype=torch.float32)
+        device = step.mean.device
+        t = sigmas[index]
+        heads = self.store.heads(draws.flatten(0, 1)).view(*draws.shape[:2], -1)
+        self._batch = _BatchSchedule(
+            sources=tuple(weakref.ref(x) for x in sources),
+            sigmas=sigmas,
+            t=t.to(device),
+            dt=(sigmas[index + 1] - t).to(device),
+            heads=heads,
+        )
+        return self._batch
+
     def replace_loss(self, upstream_loss: Tensor | None) -> Tensor | None:
         """regclip's loss for the step whose ``compute_log_prob`` ran last (or
         ``upstream_loss`` unchanged when there is none)."""
@@ -573,17 +624,12 @@ class FlowGRPOAdapter(UpstreamAdapter):
         if step is None:
             return upstream_loss
         sample, j = step.sample, step.j
-        scheduler = step.pipeline.scheduler
-        timesteps = sample["timesteps"][:, j]
-        index = torch.tensor([scheduler.index_for_timestep(t) for t in timesteps])
-        sigmas = scheduler.sigmas.to(device="cpu", dtype=torch.float32)
-        device = step.mean.device
-        t = sigmas[index].to(device)
-        dt = sigmas[index + 1].to(device) - t
+        batch = self._batch_schedule(step)
+        sigmas, t, dt = batch.sigmas, batch.t[:, j], batch.dt[:, j]
         stored = sample["next_latents"][:, j]
-        old_mean = self.store.lookup(stored, ["mean"])["mean"]
+        old_mean = self.store.lookup(stored, ["mean"], heads=batch.heads[:, j])["mean"]
         next_sample = stored.float()
-        loss_fn = self._loss_fn(step.config, sigmas)
+        loss_fn = self.validated(self._loss_fn(step.config, sigmas))
         out = loss_fn(
             advantages=sample["advantages"][:, j],
             mean=step.mean,
