@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         "archs": {},
     }
     start = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for arch in args.arch:
         s = dict(TINY if args.tiny else SETTINGS[arch])
         entry: dict[str, Any] = {}
@@ -444,10 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["error"] = f"{type(error).__name__}: {error}"[:500]
         report["archs"][arch] = entry
         print(f"[{arch}] {json.dumps(entry)}", flush=True)
-    report["total_s"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+        report["total_s"] = round(time.perf_counter() - start, 1)
+        out.write_text(json.dumps(report, indent=1) + "\n")  # after each arch: partial runs keep
     print(f"wrote {out} in {report['total_s']} s")
     return 1 if any("error" in e for e in report["archs"].values()) else 0
 
