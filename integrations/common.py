@@ -89,10 +89,10 @@ class RegclipOptions:
     means_device: str = "same"
     """Where rollout means are kept: ``same`` (the rollout's device) or ``cpu``."""
     validate: str = "first"
-    """Value checks of the loss inputs (finite, signs): ``first`` on the loss calls up to
-    the first logged optimizer step (a mis-wired run fails there, in one line), then off,
-    so a step reads nothing back to the host; ``always`` on every call (each check a
-    device synchronisation)."""
+    """Value checks of the loss inputs (finite, signs): ``first`` on each trained step's
+    first loss call on this rank (a mis-wired run fails there, in one line), then off, so a
+    step reads nothing back to the host; ``always`` on every call (each check a device
+    synchronisation)."""
     max_steps: int = 0
     """Stop cleanly after this many logged optimizer steps (0: never)."""
     src: str | None = None
@@ -433,8 +433,6 @@ class MetricLog:
         self.prefix = prefix
         self._sums: dict[str, Tensor] = {}  # metric name -> 0-d running sum
         self._calls = 0
-        self.flushes = 0
-        """How many flushes returned metrics (logged optimizer steps)."""
         self._by_step: dict[int, Tensor] = {}  # int step index -> (F,) sums of _FIELDS
         self._rows: list[tuple[Tensor, Tensor]] = []  # tensor step indices: ((B,), (B, F))
 
@@ -478,7 +476,6 @@ class MetricLog:
         """The means since the last flush (one device-to-host transfer); then resets."""
         if self._calls == 0:
             return {}
-        self.flushes += 1
         names = list(self._sums)
         known = sorted(self._by_step)
         n_fields = len(self._FIELDS)
@@ -604,14 +601,16 @@ class UpstreamAdapter:
         self._patches = Patches()
         self._originals: dict[str, Callable[..., Any]] = {}
         self._trained_since_rollout = False
+        self._checked: set[int] = set()  # trained steps whose loss inputs were checked
 
     def install(self: _AdapterT) -> _AdapterT:
         raise NotImplementedError
 
-    def validated(self, loss_fn: GuardedPPOLoss) -> GuardedPPOLoss:
-        """``loss_fn`` with its value checks on or off for this call
-        (:attr:`RegclipOptions.validate`)."""
-        loss_fn.validate = self.options.validate == "always" or self.metrics.flushes == 0
+    def validated(self, loss_fn: GuardedPPOLoss, step: int) -> GuardedPPOLoss:
+        """``loss_fn`` with its value checks on or off for this call on trained step
+        ``step`` (:attr:`RegclipOptions.validate`)."""
+        loss_fn.validate = self.options.validate == "always" or step not in self._checked
+        self._checked.add(step)
         return loss_fn
 
     def uninstall(self) -> None:

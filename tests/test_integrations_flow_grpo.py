@@ -269,8 +269,8 @@ def test_a_training_batch_reads_the_device_once_whatever_its_step_count(up, logg
     validated: list[bool] = []
     checks = adapter.validated
 
-    def recording(loss_fn):
-        validated.append(checks(loss_fn).validate)
+    def recording(loss_fn, step):
+        validated.append(checks(loss_fn, step).validate)
         return loss_fn
 
     monkeypatch.setattr(adapter, "validated", recording)
@@ -282,6 +282,11 @@ def test_a_training_batch_reads_the_device_once_whatever_its_step_count(up, logg
     assert sorted(reads) == ["_batch_schedule", "_batch_schedule", "_settle", "heads"]
     assert validated == [True] * steps + [False] * steps
     assert adapter.loss_fn is not None and adapter.loss_fn.validate is False
+    reads.clear()
+    with adapter:  # a new batch (new tensors, as upstream's shuffle makes): read again
+        accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
+        shuffled = {k: v[torch.tensor([1, 0, 3, 2])] for k, v in sample.items()}
+        smoke.run_timestep_loop(up, pipe, shuffled, config, accelerator, NoStep(), embeds)
+    assert sorted(reads) == ["_batch_schedule", "_batch_schedule", "heads"]
     always = FlowGRPOAdapter(up, RegclipOptions(validate="always"))
-    always.metrics.flushes = 3
-    assert always.validated(adapter.loss_fn).validate is True
+    assert [always.validated(adapter.loss_fn, 0).validate for _ in range(2)] == [True, True]

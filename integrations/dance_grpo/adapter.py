@@ -278,7 +278,8 @@ class DanceGRPOAdapter(UpstreamAdapter):
         device = next_sample.device
         t = torch.full((batch,), current.t, device=device)
         dt = torch.full((batch,), current.dt, device=device)
-        loss_fn = self.validated(self._loss_fn(args))
+        step_index = int(rest[-2])  # `i`, the sigma index of this transition
+        loss_fn = self.validated(self._loss_fn(args), step_index)
         out = loss_fn(
             advantages=self.advantages.to(device)[old["row"]],
             mean=current.mean,
@@ -290,7 +291,6 @@ class DanceGRPOAdapter(UpstreamAdapter):
             log_prob=log_prob,
             old_log_prob=old["log_prob"],
         )
-        step_index = int(rest[-2])  # `i`, the sigma index of this transition
         self.metrics.add(out, step_index)
         self.last_output = out
         scale = 1.0 / (args.gradient_accumulation_steps * train_timesteps(args))

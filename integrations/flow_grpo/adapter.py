@@ -402,10 +402,12 @@ class _TrainStep:
 @dataclass
 class _BatchSchedule:
     """One training batch of upstream's samples, read to the host once for all its steps
-    ``j`` (one synchronisation per batch rather than several per loss call): the
-    schedule's sigmas, every transition's t and dt on the device, and the store keys of its
-    draws. Identified by the sample's ``next_latents`` and ``timesteps`` tensors and the
-    scheduler's ``sigmas``, held weakly (a freed tensor never matches a new one)."""
+    ``j`` (three small copies back to back on the batch's first step, where upstream's own
+    step has just waited for the device, instead of several waits per loss call): the
+    schedule's sigmas, every transition's t and dt on the device, and the store keys of
+    its draws. Identified by the sample's ``next_latents`` and ``timesteps`` tensors and
+    the scheduler's ``timesteps`` and ``sigmas``, held weakly (a freed tensor never matches
+    a new one)."""
 
     sources: tuple[weakref.ref[Tensor], ...]
     sigmas: Tensor  # (S + 1,) float32, host
@@ -415,7 +417,7 @@ class _BatchSchedule:
 
     @staticmethod
     def identity(sample: dict[str, Tensor], scheduler: Any) -> tuple[Tensor, ...]:
-        return sample["next_latents"], sample["timesteps"], scheduler.sigmas
+        return sample["next_latents"], sample["timesteps"], scheduler.timesteps, scheduler.sigmas
 
     def is_for(self, sample: dict[str, Tensor], scheduler: Any) -> bool:
         now = self.identity(sample, scheduler)
@@ -599,7 +601,7 @@ class FlowGRPOAdapter(UpstreamAdapter):
         scheduler = step.pipeline.scheduler
         if self._batch is not None and self._batch.is_for(step.sample, scheduler):
             return self._batch
-        draws, timesteps, _ = sources = _BatchSchedule.identity(step.sample, scheduler)
+        draws, timesteps, _, _ = sources = _BatchSchedule.identity(step.sample, scheduler)
         schedule = scheduler.timesteps.cpu()
         index = torch.tensor(
             [[scheduler.index_for_timestep(t, schedule) for t in row] for row in timesteps.cpu()]
@@ -629,7 +631,7 @@ class FlowGRPOAdapter(UpstreamAdapter):
         stored = sample["next_latents"][:, j]
         old_mean = self.store.lookup(stored, ["mean"], heads=batch.heads[:, j])["mean"]
         next_sample = stored.float()
-        loss_fn = self.validated(self._loss_fn(step.config, sigmas))
+        loss_fn = self.validated(self._loss_fn(step.config, sigmas), j)
         out = loss_fn(
             advantages=sample["advantages"][:, j],
             mean=step.mean,

@@ -76,6 +76,7 @@ __all__ = [
     "decode_images",
     "select_trainable",
     "timestep_chunks",
+    "transformer_scope",
 ]
 
 
@@ -191,17 +192,41 @@ def compile_blocks(transformer: nn.Module, names: tuple[str, ...], **options: An
     return len(blocks)
 
 
-def attention_backends(cudnn: bool) -> contextlib.AbstractContextManager[Any]:
-    """The scaled-dot-product attention backends the transformer may use inside this
-    context: all (``cudnn``), or all but cuDNN. Scoped, so the process-wide choice is
-    left as the caller set it."""
-    if cudnn:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+RECOMPILE_LIMIT = 64
+"""Graphs dynamo may keep per compiled code inside the trainer's scope. The blocks of a
+model share one code object, and each block variant (dual attention, context-pre-only, the
+first block's input layout), grad mode, KL reference pass and new shape adds a graph:
+past torch's default of 8, the rest would run eagerly."""
 
-    return sdpa_kernel(
-        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    )
+
+def transformer_scope(*, cudnn: bool, compiled: bool) -> contextlib.ExitStack:
+    """The scope of the trainer's transformer calls and backward passes (a backward may
+    rerun a checkpointed forward).
+
+    * ``cudnn=False``: scaled-dot-product attention may use the backends the caller has on,
+      except cuDNN.
+    * ``compiled``: dynamo keeps up to :data:`RECOMPILE_LIMIT` graphs per block code and
+      raises past it instead of silently running the block eagerly.
+
+    Both settings are scoped: outside it the process-wide ones are as the caller set them.
+    """
+    stack = contextlib.ExitStack()
+    if not cudnn:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        flags = {
+            SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
+            SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
+            SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
+        }
+        stack.enter_context(sdpa_kernel([b for b, on in flags.items() if on]))
+    if compiled:
+        stack.enter_context(
+            torch._dynamo.config.patch(
+                recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+            )
+        )
+    return stack
 
 
 def _seed(*keys: int) -> int:
@@ -308,6 +333,11 @@ class GRPOTrainer:
         model: nn.Module = self.accelerator.unwrap_model(self.model)
         return model
 
+    def scope(self) -> contextlib.ExitStack:
+        """:func:`transformer_scope` for this trainer's settings."""
+        cfg = self.config
+        return transformer_scope(cudnn=cfg.cudnn_attention, compiled=cfg.compile_transformer)
+
     def _generator(self, *keys: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(_seed(self.config.seed, *keys))
 
@@ -356,7 +386,7 @@ class GRPOTrainer:
         for b, start in enumerate(range(0, len(ids), self.config.batch_size)):
             batch_ids = ids[start : start + self.config.batch_size]
             embeds = self.embeds.select(batch_ids)
-            with self.accelerator.autocast(), attention_backends(self.config.cudnn_attention):
+            with self.accelerator.autocast(), self.scope():
                 rollouts.append(
                     sample_rollout(
                         model,
@@ -406,7 +436,7 @@ class GRPOTrainer:
         :func:`~regclip.trainer.rollout.recompute_transitions` orders them)."""
         if rollout.advantages is None:
             raise ValueError("the rollout has no advantages: run `rollout()` first")
-        with attention_backends(self.config.cudnn_attention):
+        with self.scope():
             mean, std = recompute_transitions(
                 self.model,
                 self.arch,
@@ -478,6 +508,14 @@ class GRPOTrainer:
         tensors), the gradient norm of each optimizer step, each loss call's detached
         output with its rows' step indices (CPU), and the number of optimizer steps.
         """
+        self.model.train()
+        with self.scope():  # backward passes too: checkpointing reruns forwards in them
+            return self._passes(rollouts)
+
+    def _passes(
+        self, rollouts: list[Rollout]
+    ) -> tuple[dict[str, Tensor], list[Tensor], list[tuple[Tensor, LossOutput]], int]:
+        """:meth:`accumulate`'s loop."""
         sums: dict[str, Tensor] = {}
         norms: list[Tensor] = []
         outputs: list[tuple[Tensor, LossOutput]] = []
@@ -485,7 +523,6 @@ class GRPOTrainer:
         order = np.random.default_rng(_seed(self.config.seed, self.iteration, 3))
         num_sde = len(self.sampler.trained_steps)
         scale = [len(self.chunks) * len(ks) / num_sde for ks in self.chunks]
-        self.model.train()
         for _ in range(self.config.passes):
             for b in order.permutation(len(rollouts)):
                 rollout = rollouts[int(b)]
