@@ -328,5 +328,7 @@ def test_any_config_file_value_is_accepted_or_refused_naming_its_field(name, val
     got = getattr(config, name)
     if isinstance(getattr(TrainConfig(), name), float):
         assert isinstance(got, float) and got == got  # numbers become finite floats
+    elif "float" in str(TrainConfig.__dataclass_fields__[name].type):  # e.g. `float | None`
+        assert got is None or (isinstance(got, float) and got == got)
     else:
         assert got is None or type(got) is type(value) or isinstance(value, (list, tuple))
