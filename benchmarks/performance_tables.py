@@ -32,6 +32,7 @@ LEVERS = {
     "loss_value_checks": "loss value checks",
     "foreach_adamw": "foreach AdamW",
     "timesteps_per_call_3": "3 timesteps per call",
+    "eager_transformer": "compiled blocks run eagerly",
 }
 BLOCK = re.compile(r"<!-- performance_tables: (\w+) -->\n(.*?)<!-- /performance_tables -->", re.S)
 
@@ -152,8 +153,13 @@ def _levers_row(label: str, levers: dict[str, Any]) -> list[Any]:
     base = levers["baseline"]
     cells = [label, f"{base['train_step_s']:.3f} s, {base['peak_gib']:.2f} GiB"]
     for key in LEVERS:
-        lever = levers[key]
-        cells.append(f"{lever['vs_baseline']:.3f}x, {lever['peak_gib']:.2f} GiB")
+        lever = levers.get(key)
+        if lever is None:
+            cells.append("—")
+        elif "error" in lever:
+            cells.append(lever["error"])
+        else:
+            cells.append(f"{lever['vs_baseline']:.3f}x, {lever['peak_gib']:.2f} GiB")
     return cells
 
 
