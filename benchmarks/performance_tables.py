@@ -1,6 +1,7 @@
 """The tables of ``docs/performance.md``'s ``regclip train`` section, rendered from
-``benchmarks/results/trainer_vs_upstream.json`` and ``benchmarks/results/upstream_overhead.json``,
-and the targets' verdicts computed from the measured figures.
+``benchmarks/results/trainer_vs_upstream.json`` (eager transformer),
+``trainer_vs_upstream_compiled.json`` (``--compile``) and ``upstream_overhead.json``, and
+the targets' verdicts computed from the measured figures.
 
 In the doc each table sits between ``<!-- performance_tables: NAME -->`` and
 ``<!-- /performance_tables -->``; ``tests/test_performance_tables.py`` checks that what is
@@ -20,6 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "benchmarks" / "results" / "trainer_vs_upstream.json"
+COMPILED = ROOT / "benchmarks" / "results" / "trainer_vs_upstream_compiled.json"
 OVERHEAD = ROOT / "benchmarks" / "results" / "upstream_overhead.json"
 DOC = ROOT / "docs" / "performance.md"
 
@@ -214,19 +216,24 @@ def overhead_table(report: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
-def tables(trainer: dict[str, Any], overhead: dict[str, Any]) -> dict[str, str]:
+def tables(
+    trainer: dict[str, Any], compiled: dict[str, Any], overhead: dict[str, Any]
+) -> dict[str, str]:
     """Every table, by the name its block carries in the doc."""
     return {
         "trainer": trainer_table(trainer),
         "targets": targets_table(trainer),
         "levers": levers_table(trainer),
         "max_batch": max_batch_table(trainer),
+        "trainer_compiled": trainer_table(compiled),
+        "targets_compiled": targets_table(compiled),
+        "levers_compiled": levers_table(compiled),
         "overhead": overhead_table(overhead),
     }
 
 
 def load() -> dict[str, str]:
-    return tables(json.loads(TRAINER.read_text()), json.loads(OVERHEAD.read_text()))
+    return tables(*(json.loads(path.read_text()) for path in (TRAINER, COMPILED, OVERHEAD)))
 
 
 def write(doc: Path, rendered: dict[str, str]) -> str:
