@@ -200,3 +200,8 @@ def test_update_on_cuda_never_synchronises(
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert steps == len(rollouts) and "loss" in sums
+
+
+def test_stacked_timesteps_with_a_compiled_transformer_warn(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="timesteps_per_call > 1 with compile_transformer"):
+        _trainer(tmp_path, "sd3", timesteps_per_call=3, compile_transformer=True)

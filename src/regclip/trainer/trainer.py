@@ -318,6 +318,13 @@ class GRPOTrainer:
                 f"`timesteps_per_call` must be 1 with preset {config.preset!r}: its "
                 f"{coupled} mixes the rows of a batch, so stacked timesteps change the gradient"
             )
+        if config.timesteps_per_call > 1 and config.compile_transformer:
+            warnings.warn(
+                "timesteps_per_call > 1 with compile_transformer: in the H100 benchmark "
+                "(docs/performance.md) 3 stacked steps made the compiled step 1.56x slower and "
+                "clipped 1/6 of the first update's rows by rounding alone; use 1",
+                stacklevel=2,
+            )
         self.ema = None
         if config.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -587,6 +594,8 @@ class GRPOTrainer:
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         progress = tqdm(range(self.iteration, total), disable=not main, desc="regclip train")
+        if self.config.compile_transformer and total > self.iteration:
+            progress.write("regclip train: the first iteration compiles the transformer blocks")
         for _ in progress:
             metrics = self.train_iteration()
             history.append(metrics)
