@@ -322,7 +322,7 @@ class GRPOTrainer:
             warnings.warn(
                 "timesteps_per_call > 1 with compile_transformer: in the H100 benchmark "
                 "(docs/performance.md) 3 stacked steps made the compiled step 1.56x slower and "
-                "clipped 1/6 of the first update's rows by rounding alone; use 1",
+                "clipped 1/6 of a fresh rollout's rows by rounding alone; use 1",
                 stacklevel=2,
             )
         self.ema = None
