@@ -70,7 +70,7 @@ from regclip.trainer import (  # noqa: E402
     random_prompt_set,
 )
 from regclip.trainer.build import vae_scale_factor  # noqa: E402
-from regclip.trainer.trainer import timestep_chunks  # noqa: E402
+from regclip.trainer.trainer import compile_blocks, timestep_chunks  # noqa: E402
 from upstream_overhead import (  # noqa: E402
     LORA_TARGETS,
     SCRIPT,
@@ -528,6 +528,8 @@ def bench_arch(
             ("reward", upstream.reward),
             ("train_step", upstream.train_step),
         ]
+    if args.max_batch_only:
+        return max_batch_entry(arch, args, device, regclip, upstream, s, entry)
     for plan in plans.values():  # warm-up (and the fused kernels' compilation)
         Meter(device).iteration(plan)
     order = list(plans)
@@ -554,29 +556,58 @@ def bench_arch(
         print(f"[{arch}] levers {json.dumps(entry['levers'])}", flush=True)
         save(entry)
     if arch == "sd3" and not args.skip_max_batch:
-        fraction = None
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            fraction = min(1.0, CARD_BYTES / total)
-            torch.cuda.set_per_process_memory_fraction(fraction, device)
-        start_batch, cap = (2, 16) if args.tiny else (s["batch"], args.max_batch_cap)
-        try:
-            entry["max_batch"] = {
-                "card_gib": round(CARD_BYTES / 2**30, 2),
-                "memory_fraction": fraction,
-                "regclip": largest_batch(
-                    lambda b: regclip.probe(rollouts, b), device, start_batch, cap
-                ),
-            }
-            if upstream is not None:
-                prepared = upstream.reward(upstream.rollout())
-                entry["max_batch"]["upstream"] = largest_batch(
-                    lambda b: upstream.probe(prepared, b), device, start_batch, cap
-                )
-        finally:
-            if device.type == "cuda":
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
+        max_batch_entry(arch, args, device, regclip, upstream, s, entry, rollouts)
+        save(entry)
     return entry  # the models go with this frame; main() collects and empties the cache
+
+
+def max_batch_entry(
+    arch: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    regclip: Regclip,
+    upstream: Upstream | None,
+    s: dict[str, Any],
+    entry: dict[str, Any],
+    rollouts: list[Any] | None = None,
+) -> dict[str, Any]:
+    """``entry["max_batch"]``: each side's :func:`largest_batch` under the 80 GB cap.
+
+    Without ``rollouts`` (``--max-batch-only``) regclip samples its own, with any compiled
+    blocks run eagerly; a compiled transformer's blocks are then compiled again with a
+    dynamic batch dimension, so the probes share one graph per block variant (dynamo's own
+    choice from the second batch size on) instead of compiling one per probe."""
+    if rollouts is None:
+        with torch.compiler.set_stance("force_eager"):
+            rollouts = regclip.rewarded(regclip.trainer.sample())
+        if args.compile:
+            names = regclip.trainer.arch.repeated_blocks
+            compile_blocks(regclip.trainer.unwrapped, names, dynamic=True)
+            entry["settings"]["compile_dynamic_batch"] = True
+    fraction = None
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = min(1.0, CARD_BYTES / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+    start_batch, cap = (2, 16) if args.tiny else (s["batch"], args.max_batch_cap)
+    try:
+        entry["max_batch"] = {
+            "card_gib": round(CARD_BYTES / 2**30, 2),
+            "memory_fraction": fraction,
+            "regclip": largest_batch(
+                lambda b: regclip.probe(rollouts, b), device, start_batch, cap
+            ),
+        }
+        print(f"[{arch}] max batch regclip {json.dumps(entry['max_batch']['regclip'])}", flush=True)
+        if upstream is not None:
+            prepared = upstream.reward(upstream.rollout())
+            entry["max_batch"]["upstream"] = largest_batch(
+                lambda b: upstream.probe(prepared, b), device, start_batch, cap
+            )
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -594,6 +625,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--skip-levers", action="store_true")
     parser.add_argument("--skip-max-batch", action="store_true")
+    parser.add_argument(
+        "--max-batch-only", action="store_true",
+        help="only the largest batch (SD3): no timed repeats, no levers",
+    )  # fmt: skip
     parser.add_argument("--max-batch-cap", type=int, default=256)
     parser.add_argument(
         "--sdpa", choices=["default", "no-cudnn"], default="default",
@@ -603,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.max_batch_only and (args.skip_max_batch or args.arch != ["sd3"]):
+        parser.error("--max-batch-only measures SD3 only: pass --arch sd3, not --skip-max-batch")
     if args.timesteps_per_call < 1:
         parser.error(f"--timesteps-per-call must be >= 1, got {args.timesteps_per_call}")
     if args.sdpa == "no-cudnn":
