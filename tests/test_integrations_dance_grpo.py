@@ -1,10 +1,16 @@
-"""DanceGRPO adapter against the real upstream code (``pytest -m upstream`` with
-``REGCLIP_DANCEGRPO_SRC`` set to a DanceGRPO checkout; commit in DANCEGRPO_COMMIT).
+"""DanceGRPO adapter against the real upstream code (the tests marked ``upstream``: run them
+with ``pytest -m upstream`` and ``REGCLIP_DANCEGRPO_SRC`` set to a DanceGRPO checkout;
+commit in DANCEGRPO_COMMIT), and the adapter's own pieces (no checkout needed).
 
 ``fastvideo.train_grpo_flux`` imports wandb, cv2, liger-kernel, flash-attn, decord and
 torchvision at module level; missing ones get stand-ins (``integrations.standins``)."""
 
 from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -13,7 +19,16 @@ from integrations.standins import install_standins
 
 from _upstream import skip_on_missing_dependency, upstream_checkout
 
-SRC, pytestmark = upstream_checkout("REGCLIP_DANCEGRPO_SRC", "DanceGRPO checkout")
+SRC, UPSTREAM = upstream_checkout("REGCLIP_DANCEGRPO_SRC", "DanceGRPO checkout")
+_Test = TypeVar("_Test", bound=Callable[..., Any])
+
+
+def upstream(test: _Test) -> _Test:
+    """Marks a test that runs the real DanceGRPO code: ``pytest -m upstream`` selects it,
+    and it skips without a checkout."""
+    for mark in UPSTREAM:
+        test = mark(test)
+    return test
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +42,7 @@ def up():
         return load_upstream(SRC)
 
 
+@upstream
 @pytest.mark.parametrize("eta", [0.3, 0.7])
 def test_dance_sde_kernel_is_upstreams_flux_step(up, eta):
     from regclip import DanceSDE, gaussian_log_prob
@@ -53,18 +69,22 @@ def test_dance_sde_kernel_is_upstreams_flux_step(up, eta):
         torch.testing.assert_close(scored, log_prob)
 
 
-def _run(up, preset, seed=0, steps=1, options=None):
+def _run(up, preset, seed=0, steps=1, options=None, args=None, watch=None):
+    """``steps`` of upstream's ``train_one_step`` on a tiny model; ``watch(adapter)`` runs
+    before the adapter is installed."""
     from integrations.dance_grpo import smoke
     from integrations.dance_grpo.adapter import DanceGRPOAdapter
 
     transformer, vae = smoke.build_models("tiny", seed=seed)
     wrapped = smoke.FSDPStandIn(transformer)
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=1.0)
-    args = smoke.make_args()
+    args = args or smoke.make_args()
     loader = smoke.prompt_loader(transformer, seq=8, seed=seed)
     adapter = DanceGRPOAdapter(up, options or RegclipOptions(preset=preset)) if preset else None
     losses = []
     if adapter:
+        if watch:
+            watch(adapter)
         adapter.install()
     try:
         for step in range(steps):
@@ -79,6 +99,7 @@ def _run(up, preset, seed=0, steps=1, options=None):
     return transformer, losses, adapter, args
 
 
+@upstream
 def test_vanilla_preset_reproduces_upstreams_update(up):
     from integrations.dance_grpo import smoke
     from integrations.dance_grpo.adapter import train_timesteps
@@ -102,6 +123,7 @@ def test_vanilla_preset_reproduces_upstreams_update(up):
     )
 
 
+@upstream
 def test_grpo_guard_runs_full_rollout_and_update_steps(up):
     from integrations.dance_grpo import smoke
 
@@ -119,6 +141,7 @@ def test_grpo_guard_runs_full_rollout_and_update_steps(up):
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
 
 
+@upstream
 def test_logger_proxy_adds_metrics_to_upstreams_train_log(up, monkeypatch):
     from integrations.dance_grpo.adapter import DanceGRPOAdapter
 
@@ -147,6 +170,7 @@ def test_logger_proxy_adds_metrics_to_upstreams_train_log(up, monkeypatch):
     assert up.train_module.wandb is recorder  # uninstalled
 
 
+@upstream
 def test_incompatible_upstream_fails_with_the_commit_in_the_message(up, monkeypatch):
     from integrations.dance_grpo.adapter import DANCEGRPO_COMMIT, check_compatible
 
@@ -154,3 +178,143 @@ def test_incompatible_upstream_fails_with_the_commit_in_the_message(up, monkeypa
     monkeypatch.setattr(up.train_module, "grpo_one_step", lambda args, latents: None)
     with pytest.raises(IncompatibleUpstreamError, match=DANCEGRPO_COMMIT[:7]):
         check_compatible(up)
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+class DeviceReads:
+    """Counts the host reads (:data:`HOST_READS`) that ``integrations/`` code makes of
+    tensors a CUDA run keeps on the device, as ``(call, function, method)``: ``call``
+    numbers the ``grpo_one_step`` calls from 1 (0: before the first). On this CPU run a
+    tensor counts as on the device unless it is a host one of a CUDA run: upstream's sigma
+    schedule (made by ``torch.linspace`` on the host, never moved), a ``.cpu()`` copy
+    (here a new tensor, as a GPU's would be) or a view of one."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads: list[tuple[int, str, str]] = []
+        self.call = 0
+        self._host: list[torch.Tensor] = []  # kept alive, so their ids stay theirs
+        for name in HOST_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name))
+
+    def _on_host(self, tensor: torch.Tensor) -> bool:
+        ids = {id(t) for t in self._host}
+        return id(tensor) in ids or (tensor._base is not None and id(tensor._base) in ids)
+
+    def _counting(self, name: str) -> Callable[..., Any]:
+        original = getattr(torch.Tensor, name)
+
+        def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code
+            if "/integrations/" in caller.co_filename and not self._on_host(tensor):
+                self.reads.append((self.call, caller.co_name, name))
+            out = original(tensor, *args, **kwargs)
+            if name == "cpu":
+                out = out.clone() if out is tensor else out
+                self._host.append(out)
+            return out
+
+        return read
+
+    def watch(self, adapter: Any) -> None:
+        """Number ``adapter``'s training calls and learn the rollout's sigma schedule."""
+        sample, train = adapter._run_sample_step, adapter._grpo_one_step
+
+        def run_sample_step(args, z, progress_bar, sigma_schedule, *rest):
+            self._host.append(sigma_schedule)
+            return sample(args, z, progress_bar, sigma_schedule, *rest)
+
+        def grpo_one_step(*args):
+            self.call += 1
+            return train(*args)
+
+        adapter._run_sample_step, adapter._grpo_one_step = run_sample_step, grpo_one_step
+
+
+def test_a_call_slice_is_found_in_its_batch_tensor_or_refused():
+    from integrations.dance_grpo.adapter import _BatchCopy, _rows_of_base
+
+    g = torch.Generator().manual_seed(3)
+    samples = torch.randn(4, 3, 5, 6, generator=g)  # (batch, steps, tokens, channels)
+    perms = torch.stack([torch.randperm(3, generator=g) for _ in range(4)])
+    batched = samples.unsqueeze(1)  # upstream's slicing: a sample of it, then [:, _]
+    for k, sample in enumerate(batched):
+        for j in range(3):
+            base, shape, start = _rows_of_base(sample[:, j])
+            assert base is samples and shape == (5, 6) and start == 3 * k + j
+            assert _rows_of_base(perms[k][j])[1:] == ((), 3 * k + j)
+    for run in (samples[1, 1:3], samples.reshape(-1)[12:36].view(2, 2, 6)):  # runs of rows
+        base, shape, start = _rows_of_base(run)
+        assert torch.equal(base.reshape(-1, *shape)[start : start + len(run)], run)
+    for refused in (
+        samples,  # not a view
+        samples[:, 1],  # rows not adjacent: not contiguous
+        samples[0, 0, :, :2],  # not contiguous
+        samples.reshape(-1)[2:14].view(2, 6),  # starts inside a row
+    ):
+        assert _rows_of_base(refused) is None
+    reads: list[torch.Tensor] = []
+
+    def read(rows: torch.Tensor) -> torch.Tensor:
+        reads.append(rows)
+        return rows.clone()
+
+    copy = _BatchCopy(read)
+    assert torch.equal(copy(batched[2][:, 1]), samples[2, 1][None])
+    assert torch.equal(copy(batched[3][:, 0]), samples[3, 0][None])
+    assert len(reads) == 1 and reads[0].shape == (12, 5, 6)
+    shuffled = samples[torch.tensor([1, 0, 3, 2])]  # a new batch: read again
+    assert torch.equal(copy(shuffled[1:2, 0]), samples[0, 0][None]) and len(reads) == 2
+    assert copy(samples[:, 1]) is None and len(reads) == 2
+
+
+@upstream
+def test_a_training_batch_reads_the_device_three_times_whatever_its_call_count(up, monkeypatch):
+    """On a batch's first loss call the adapter reads the keys of the batch's draws, its
+    sigma indices and the keys recorded by the rollout, one transfer each; no other call
+    reads anything. (Upstream's own loop still reads on every call, ``total_loss +=
+    avg_loss.item()``: not counted here.)"""
+    from integrations.dance_grpo import smoke
+
+    args = smoke.make_args(timestep_fraction=1.0)  # 4 rows x 3 steps = 12 calls a batch
+    reads = DeviceReads(monkeypatch)
+    _, _, adapter, _ = _run(up, "grpo_guard", seed=4, steps=2, args=args, watch=reads.watch)
+    first_calls = {1, 13}
+    assert reads.call == 24
+    assert Counter(reads.reads) == Counter(
+        (call, function, "cpu")
+        for call in first_calls
+        for function in ("heads", "_to_host", "_settle")
+    )
+    assert adapter.loss_fn.validate is False  # each step's first call checked values
+
+
+@upstream
+def test_batch_reads_give_the_losses_and_gradients_of_per_call_reads(up, monkeypatch):
+    """The keys and indices read once per batch are those each call read for itself
+    before: same upstream losses, same parameters, same metrics; inputs that are not
+    slices of a batch tensor still work, at two reads a call."""
+    from integrations.dance_grpo import adapter as module
+    from integrations.dance_grpo import smoke
+
+    args = smoke.make_args(timestep_fraction=1.0)
+    runs = {}
+    for per_call in (False, True):
+        with monkeypatch.context() as patch:
+            if per_call:  # the inputs as if upstream had copied them: no batch tensor
+                patch.setattr(module, "_rows_of_base", lambda view: None)
+            reads = DeviceReads(patch)
+            model, losses, adapter, _ = _run(
+                up, "grpo_guard", seed=5, steps=2, args=args, watch=reads.watch
+            )
+        runs[per_call] = (model, losses, adapter.metrics.flush(), reads.reads)
+    model, losses, metrics, reads = runs[False]
+    model_each, losses_each, metrics_each, reads_each = runs[True]
+    assert losses == losses_each and metrics == metrics_each
+    for a, b in zip(model.parameters(), model_each.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(reads) == 6  # 2 batches of 12 calls
+    per_call_reads = Counter((function, method) for _, function, method in reads_each)
+    assert per_call_reads == {("heads", "cpu"): 24, ("_grpo_one_step", "__int__"): 24,
+                              ("_settle", "cpu"): 2}  # fmt: skip

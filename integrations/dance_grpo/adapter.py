@@ -19,7 +19,10 @@ log-probs. Five run-time patches of module globals, nothing copied:
    upstream's log-prob through :func:`~integrations.common.inject_gradient`: upstream's
    ``loss.backward()`` then backpropagates ``regclip_loss / (gradient_accumulation_steps *
    train_timesteps)`` -- upstream's own normalization -- while its printed ratio and loss
-   stay those of the vanilla formula.
+   stay those of the vanilla formula. Upstream passes each call a slice of its batch's
+   tensors (``sample["next_latents"][:, _]`` and ``perms[i][_]``, views of the shuffled
+   ``samples["next_latents"]`` and of ``perms``), so the adapter reads the whole batch's
+   store keys and sigma indices to the host once, on its first call (:class:`_BatchCopy`).
 5. ``wandb`` becomes a :class:`~integrations.common.LoggerProxy` that adds ``regclip/*``
    metrics to the per-step ``wandb.log({"train_loss": ...})`` on rank 0.
 
@@ -33,6 +36,8 @@ import importlib
 import inspect
 import os
 import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -181,6 +186,54 @@ class _TrainMean:
     dt: float
 
 
+def _rows_of_base(view: Tensor) -> tuple[Tensor, torch.Size, int] | None:
+    """``(base, row_shape, start)`` when ``view`` is rows ``start, start + 1, ...`` of its
+    base tensor seen as rows shaped like ``view[0]`` (a 0-d ``view``: element ``start``),
+    else ``None``. It is when both are contiguous, of one dtype, and the view starts on a
+    row: a contiguous view covers the elements from its storage offset on, in order, so
+    it equals ``base.reshape(-1, *row_shape)[start : start + len(view)]`` exactly."""
+    base = view._base
+    if base is None or base.dtype != view.dtype:
+        return None
+    if not (base.is_contiguous() and view.is_contiguous()):
+        return None
+    row_shape = view.shape[1:] if view.ndim else torch.Size()
+    row = row_shape.numel()
+    offset = view.storage_offset() - base.storage_offset()
+    if row == 0 or offset < 0 or offset % row or base.numel() % row:
+        return None
+    return base, row_shape, offset // row
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    return tensor.cpu()
+
+
+class _BatchCopy:
+    """A host copy of the batch tensor that upstream slices each call's input from,
+    made on the batch's first call: ``read`` of the base's rows (one device-to-host
+    transfer); a later call whose input is a slice of the same base reads nothing. The
+    base is held weakly (a freed tensor never matches a new one): upstream builds a new
+    one for each batch and never writes to it."""
+
+    def __init__(self, read: Callable[[Tensor], Tensor]) -> None:
+        self._read = read
+        self._source: weakref.ref[Tensor] | None = None
+        self._rows: Tensor | None = None
+
+    def __call__(self, view: Tensor) -> Tensor | None:
+        """The host copy of ``view``'s rows (of ``view`` itself when 0-d), or ``None``
+        when ``view`` is not a run of rows of a base tensor (:func:`_rows_of_base`)."""
+        found = _rows_of_base(view)
+        if found is None:
+            return None
+        base, row_shape, start = found
+        if self._rows is None or self._source is None or self._source() is not base:
+            self._rows = self._read(base.reshape(-1, *row_shape))
+            self._source = weakref.ref(base)
+        return self._rows[start] if view.ndim == 0 else self._rows[start : start + len(view)]
+
+
 class DanceGRPOAdapter(UpstreamAdapter):
     """Installs the five patches of the module docstring on an :class:`UpstreamDanceGRPO`."""
 
@@ -194,6 +247,9 @@ class DanceGRPOAdapter(UpstreamAdapter):
         self._next_row = 0
         self._train_mean: _TrainMean | None = None
         self._args: Any = None
+        self._draw_heads = _BatchCopy(self.store.heads)  # store keys of the batch's draws
+        self._sigma_indices = _BatchCopy(_to_host)  # the batch's `i`s (`perms`)
+        self._index: tuple[Any, int] | None = None  # the call's `i` and its value
 
     def install(self) -> DanceGRPOAdapter:
         m, p = self.upstream.train_module, self._patches
@@ -231,7 +287,9 @@ class DanceGRPOAdapter(UpstreamAdapter):
         call = self._flux_signature.bind(*args, **kwargs).arguments
         if not (call.get("grpo") and call.get("sde_solver")):
             return out
-        sigmas, index = call["sigmas"], int(call["index"])
+        sigmas, index = call["sigmas"], call["index"]
+        known = self._index  # a training call's `i`, read once per batch
+        index = known[1] if known is not None and index is known[0] else int(index)
         t = float(sigmas[index])
         dt = float(sigmas[index + 1]) - t
         kernel = DanceSDE(float(call["eta"]))
@@ -264,21 +322,35 @@ class DanceGRPOAdapter(UpstreamAdapter):
         return self.loss_fn
 
     def _grpo_one_step(self, args: Any, latents: Tensor, pre_latents: Tensor, *rest: Any) -> Tensor:
+        """Host reads, all before upstream's forward: on a batch's first call, the store
+        keys of all the batch's draws, all its sigma indices and, the first time after a
+        rollout, the keys of the recorded draws (one transfer each); none on its other
+        calls. Inputs that are not slices of a batch tensor (:func:`_rows_of_base`) cost
+        two transfers on every call instead: their keys and their sigma index. (The loss's
+        value checks, ``--regclip_validate``, read on their own.)"""
+        index = rest[-2]  # `i`, the sigma index of this transition
+        host_index = self._sigma_indices(index) if isinstance(index, Tensor) else None
+        step_index = int(index if host_index is None else host_index)
+        next_sample = pre_latents.float()
+        old = self.store.lookup(
+            next_sample, ["mean", "row", "log_prob"], heads=self._draw_heads(pre_latents)
+        )
         self._train_mean = None
-        log_prob = self._originals["grpo_one_step"](args, latents, pre_latents, *rest)
+        self._index = (index, step_index)
+        try:
+            log_prob = self._originals["grpo_one_step"](args, latents, pre_latents, *rest)
+        finally:
+            self._index = None
         self._trained_since_rollout = True
         current, self._train_mean = self._train_mean, None
         if current is None:
             raise RuntimeError("grpo_one_step ran without a flux_step(grpo=True, sde_solver=True)")
         if self.advantages is None:
             raise RuntimeError("no advantages: gather_tensor(rewards) was not called this step")
-        next_sample = pre_latents.float()
-        old = self.store.lookup(next_sample, ["mean", "row", "log_prob"])
         batch = next_sample.shape[0]
         device = next_sample.device
         t = torch.full((batch,), current.t, device=device)
         dt = torch.full((batch,), current.dt, device=device)
-        step_index = int(rest[-2])  # `i`, the sigma index of this transition
         loss_fn = self.validated(self._loss_fn(args), step_index)
         out = loss_fn(
             advantages=self.advantages.to(device)[old["row"]],
