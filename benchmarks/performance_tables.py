@@ -79,6 +79,24 @@ def overhead_target(paired: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def profile_bound(entry: dict[str, Any]) -> dict[str, Any]:
+    """The <= 1 % target against the profiler's attribution of one architecture's overhead
+    entry: regclip's host time (``cProfile``, which slows Python down, so an upper bound)
+    as a share of the unpatched step timed without a profiler, plus the device time the
+    patch adds when positive. Met when that bound is at or under 1 %; over it the bound
+    shows nothing either way ("not shown")."""
+    a = entry["attribution"]
+    host_pct = 100 * a["regclip_host_s"] / entry["train_step_s"]["upstream"]
+    bound = host_pct + max(0.0, a["device_added_pct"])
+    return {
+        "target_pct": OVERHEAD_TARGET_PCT,
+        "host_pct": round(host_pct, 2),
+        "device_added_pct": a["device_added_pct"],
+        "bound_pct": round(bound, 2),
+        "verdict": "met" if bound <= OVERHEAD_TARGET_PCT else "not shown",
+    }
+
+
 def _row(cells: list[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -198,20 +216,22 @@ def overhead_table(report: dict[str, Any]) -> str:
     for arch, e in report["archs"].items():
         script = f"`train_{arch}.py`"
         if "not_run" in e:
-            rows.append([script, "not run", "—", "—", "—", "—", "—", "—"])
+            rows.append([script, "not run", *["—"] * 7])
             continue
-        p, a, t = e["paired_ratio"], e["attribution"], e["target"]
+        p, a, t, b = e["paired_ratio"], e["attribution"], e["target"], e["target_profile"]
         rows.append([
             script, p["pairs"], f"{p['median']:.4f}", f"{p['ci95'][0]:.4f}–{p['ci95'][1]:.4f}",
-            f"{a['regclip_host_pct']:.2f} %", f"{a['device_added_pct']:.3f} %",
+            f"{a['regclip_host_s'] * 1000:.1f} ms ({b['host_pct']:.2f} %)",
+            f"{a['device_added_pct']:.3f} %",
             f"{a['fused_loss_kernels_ms']:.3f} ms ({a['fused_loss_pct']:.3f} %)",
             f"**{t['verdict']}**: {t['median_pct']:.2f} % "
-            f"({t['ci95_pct'][0]:.2f}–{t['ci95_pct'][1]:.2f} %)",
+            f"({t['ci95_pct'][0]:.2f} to {t['ci95_pct'][1]:.2f} %)",
+            f"**{b['verdict']}**: ≤ {b['bound_pct']:.2f} %",
         ])  # fmt: skip
     header = [
         "script", "pairs", "patched / unpatched (median)", "95 % interval",
-        "host time in regclip code", "device time added", "fused loss kernels",
-        "≤ 1 % target",
+        "host time in regclip code (cProfile; % of the unprofiled step)", "device time added",
+        "fused loss kernels", "≤ 1 % target, timed pairs", "≤ 1 % target, profile bound",
     ]  # fmt: skip
     return _table(header, rows)
 
@@ -226,6 +246,7 @@ def tables(
         "levers": levers_table(trainer),
         "max_batch": max_batch_table(trainer),
         "trainer_compiled": trainer_table(compiled),
+        "max_batch_compiled": max_batch_table(compiled),
         "targets_compiled": targets_table(compiled),
         "levers_compiled": levers_table(compiled),
         "overhead": overhead_table(overhead),

@@ -26,7 +26,9 @@ back (``levers``: gradient checkpointing on, eager loss, value checks on, foreac
 each (the faster of two with ``--compile``); and, for SD3, the largest batch whose
 train step fits on an 80 GB H100 (``max_batch``: memory capped at that card's 81559 MiB
 with ``torch.cuda.set_per_process_memory_fraction``; a linear fit of the peak at two batch
-sizes, then probes around the prediction, catching out-of-memory).
+sizes, then probes around the prediction, catching out-of-memory). ``--max-batch-only``
+measures just that, without the timed repeats; with ``--compile`` its probes run blocks
+compiled with a dynamic batch dimension.
 
     # GPU (planned to take about 5 minutes on one H100 or H200; --compile adds the compilation)
     REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo@9745241 PYTHONPATH=src:. \\

@@ -34,6 +34,7 @@ def test_the_committed_verdicts_are_computed_from_the_committed_figures():
     for entry in overhead["archs"].values():
         if "not_run" not in entry:
             assert entry["target"] == pt.overhead_target(entry["paired_ratio"])
+            assert entry["target_profile"] == pt.profile_bound(entry)
 
 
 def _entry(up_step: float, our_step: float, up_peak: float, our_peak: float) -> dict[str, Any]:
@@ -62,3 +63,19 @@ def test_trainer_targets_met_and_missed():
 def test_overhead_verdict_follows_the_interval(ci95: list[float], verdict: str):
     target = pt.overhead_target({"median": 1.008, "ci95": ci95})
     assert target["verdict"] == verdict and target["median_pct"] == 0.8
+
+
+@pytest.mark.parametrize(
+    ("host_s", "device_pct", "bound", "verdict"),
+    [(0.02, -0.1, 0.8, "met"), (0.02, 0.15, 0.95, "met"), (0.02, 0.3, 1.1, "not shown")],
+)
+def test_profile_bound_adds_host_share_and_positive_device_time(
+    host_s: float, device_pct: float, bound: float, verdict: str
+):
+    entry = {
+        "attribution": {"regclip_host_s": host_s, "device_added_pct": device_pct},
+        "train_step_s": {"upstream": 2.5},
+    }
+    target = pt.profile_bound(entry)
+    assert target["host_pct"] == 0.8
+    assert target["bound_pct"] == pytest.approx(bound) and target["verdict"] == verdict
