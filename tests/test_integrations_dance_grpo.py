@@ -267,6 +267,10 @@ def test_a_call_slice_is_found_in_its_batch_tensor_or_refused():
     shuffled = samples[torch.tensor([1, 0, 3, 2])]  # a new batch: read again
     assert torch.equal(copy(shuffled[1:2, 0]), samples[0, 0][None]) and len(reads) == 2
     assert copy(samples[:, 1]) is None and len(reads) == 2
+    shuffled.mul_(10)  # written in place: read again
+    assert torch.equal(copy(shuffled[1:2, 0]), 10 * samples[0, 0][None]) and len(reads) == 3
+    flat_rows = shuffled.reshape(-1)[60:90].view(5, 6)  # same base, rows of another shape
+    assert torch.equal(copy(flat_rows), shuffled[0, 2]) and len(reads) == 4
 
 
 @upstream

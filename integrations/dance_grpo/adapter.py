@@ -210,15 +210,17 @@ def _to_host(tensor: Tensor) -> Tensor:
 
 
 class _BatchCopy:
-    """A host copy of the batch tensor that upstream slices each call's input from,
-    made on the batch's first call: ``read`` of the base's rows (one device-to-host
-    transfer); a later call whose input is a slice of the same base reads nothing. The
-    base is held weakly (a freed tensor never matches a new one): upstream builds a new
-    one for each batch and never writes to it."""
+    """A host copy of the tensor that upstream slices each call's input from (at 15cc71d
+    one per ``train_one_step``: its shuffled ``samples`` field, or ``perms``), made on the
+    first call that sees it: ``read`` of the base's rows (one device-to-host transfer). A
+    later call whose input is a slice of the same base, unchanged since (its ``_version``)
+    and cut into rows of the same shape, reads nothing. The base is held weakly (a freed
+    tensor never matches a new one)."""
 
     def __init__(self, read: Callable[[Tensor], Tensor]) -> None:
         self._read = read
         self._source: weakref.ref[Tensor] | None = None
+        self._seen: tuple[int, torch.Size] | None = None  # the base's version, row shape
         self._rows: Tensor | None = None
 
     def __call__(self, view: Tensor) -> Tensor | None:
@@ -228,9 +230,12 @@ class _BatchCopy:
         if found is None:
             return None
         base, row_shape, start = found
+        seen = (base._version, row_shape)
         if self._rows is None or self._source is None or self._source() is not base:
+            self._seen = None
+        if self._seen != seen:
             self._rows = self._read(base.reshape(-1, *row_shape))
-            self._source = weakref.ref(base)
+            self._source, self._seen = weakref.ref(base), seen
         return self._rows[start] if view.ndim == 0 else self._rows[start : start + len(view)]
 
 
@@ -288,7 +293,7 @@ class DanceGRPOAdapter(UpstreamAdapter):
         if not (call.get("grpo") and call.get("sde_solver")):
             return out
         sigmas, index = call["sigmas"], call["index"]
-        known = self._index  # a training call's `i`, read once per batch
+        known = self._index  # a training call's `i`, read once per `train_one_step`
         index = known[1] if known is not None and index is known[0] else int(index)
         t = float(sigmas[index])
         dt = float(sigmas[index + 1]) - t
@@ -322,10 +327,11 @@ class DanceGRPOAdapter(UpstreamAdapter):
         return self.loss_fn
 
     def _grpo_one_step(self, args: Any, latents: Tensor, pre_latents: Tensor, *rest: Any) -> Tensor:
-        """Host reads, all before upstream's forward: on a batch's first call, the store
-        keys of all the batch's draws, all its sigma indices and, the first time after a
-        rollout, the keys of the recorded draws (one transfer each); none on its other
-        calls. Inputs that are not slices of a batch tensor (:func:`_rows_of_base`) cost
+        """Host reads, all before upstream's forward: on the first call of a
+        ``train_one_step``, the store keys of all its samples' draws, all its sigma indices
+        and, the first time after a rollout, the keys of the recorded draws (one transfer
+        each); none on its other calls. Inputs that are not slices of such a tensor
+        (:func:`_rows_of_base`) cost
         two transfers on every call instead: their keys and their sigma index. (The loss's
         value checks, ``--regclip_validate``, read on their own.)"""
         index = rest[-2]  # `i`, the sigma index of this transition
