@@ -81,17 +81,20 @@ def overhead_target(paired: dict[str, Any]) -> dict[str, Any]:
 
 def profile_bound(entry: dict[str, Any]) -> dict[str, Any]:
     """The <= 1 % target against the profiler's attribution of one architecture's overhead
-    entry: regclip's host time (``cProfile``, which slows Python down, so an upper bound)
-    as a share of the unpatched step timed without a profiler, plus the device time the
-    patch adds when positive. Met when that bound is at or under 1 %; over it the bound
-    shows nothing either way ("not shown")."""
+    entry. What the patch can add is regclip's host time ``h`` (``cProfile``, which slows
+    Python down: an upper bound) and the device time it adds, ``d`` (when positive). As a
+    share of the step, ``h`` is divided by the unpatched step's time without a profiler,
+    ``T`` (one unpaired run, as noisy as the pairs), or by the step's kernel time ``K``,
+    which no step can be shorter than: the bound is ``100 h / K + max(0, d)``, the
+    estimate ``100 h / T + max(0, d)``. Met when the bound is at or under 1 %; over it
+    the profile shows nothing either way ("not shown")."""
     a = entry["attribution"]
-    host_pct = 100 * a["regclip_host_s"] / entry["train_step_s"]["upstream"]
-    bound = host_pct + max(0.0, a["device_added_pct"])
+    host_s, added = a["regclip_host_s"], max(0.0, a["device_added_pct"])
+    estimate = 100 * host_s / entry["train_step_s"]["upstream"] + added
+    bound = 100 * host_s / (a["device_step_ms"]["upstream"] / 1000) + added
     return {
         "target_pct": OVERHEAD_TARGET_PCT,
-        "host_pct": round(host_pct, 2),
-        "device_added_pct": a["device_added_pct"],
+        "estimate_pct": round(estimate, 2),
         "bound_pct": round(bound, 2),
         "verdict": "met" if bound <= OVERHEAD_TARGET_PCT else "not shown",
     }
@@ -218,19 +221,22 @@ def overhead_table(report: dict[str, Any]) -> str:
         if "not_run" in e:
             rows.append([script, "not run", *["—"] * 7])
             continue
-        p, a, t, b = e["paired_ratio"], e["attribution"], e["target"], e["target_profile"]
+        p, a, t = e["paired_ratio"], e["attribution"], e["target"]
+        b = e.get("target_profile")  # none without a CUDA profile
         rows.append([
             script, p["pairs"], f"{p['median']:.4f}", f"{p['ci95'][0]:.4f}–{p['ci95'][1]:.4f}",
-            f"{a['regclip_host_s'] * 1000:.1f} ms ({b['host_pct']:.2f} %)",
+            f"{a['regclip_host_s'] * 1000:.1f} ms",
             f"{a['device_added_pct']:.3f} %",
             f"{a['fused_loss_kernels_ms']:.3f} ms ({a['fused_loss_pct']:.3f} %)",
             f"**{t['verdict']}**: {t['median_pct']:.2f} % "
             f"({t['ci95_pct'][0]:.2f} to {t['ci95_pct'][1]:.2f} %)",
-            f"**{b['verdict']}**: ≤ {b['bound_pct']:.2f} %",
+            f"**{b['verdict']}**: {b['estimate_pct']:.2f} %, at most {b['bound_pct']:.2f} %"
+            if b
+            else "—",
         ])  # fmt: skip
     header = [
         "script", "pairs", "patched / unpatched (median)", "95 % interval",
-        "host time in regclip code (cProfile; % of the unprofiled step)", "device time added",
+        "host time in regclip code (cProfile)", "device time added",
         "fused loss kernels", "≤ 1 % target, timed pairs", "≤ 1 % target, profile bound",
     ]  # fmt: skip
     return _table(header, rows)

@@ -66,16 +66,24 @@ def test_overhead_verdict_follows_the_interval(ci95: list[float], verdict: str):
 
 
 @pytest.mark.parametrize(
-    ("host_s", "device_pct", "bound", "verdict"),
-    [(0.02, -0.1, 0.8, "met"), (0.02, 0.15, 0.95, "met"), (0.02, 0.3, 1.1, "not shown")],
+    ("host_s", "device_pct", "estimate", "bound", "verdict"),
+    [
+        (0.02, -0.1, 0.8, 1.0, "met"),
+        (0.02, 0.15, 0.95, 1.15, "not shown"),
+        (0.01, 0.3, 0.7, 0.8, "met"),
+    ],
 )
-def test_profile_bound_adds_host_share_and_positive_device_time(
-    host_s: float, device_pct: float, bound: float, verdict: str
+def test_profile_bound_divides_host_time_by_the_kernel_time_floor(
+    host_s: float, device_pct: float, estimate: float, bound: float, verdict: str
 ):
     entry = {
-        "attribution": {"regclip_host_s": host_s, "device_added_pct": device_pct},
+        "attribution": {
+            "regclip_host_s": host_s,
+            "device_added_pct": device_pct,
+            "device_step_ms": {"upstream": 2000.0},
+        },
         "train_step_s": {"upstream": 2.5},
     }
     target = pt.profile_bound(entry)
-    assert target["host_pct"] == 0.8
+    assert target["estimate_pct"] == pytest.approx(estimate)
     assert target["bound_pct"] == pytest.approx(bound) and target["verdict"] == verdict
