@@ -28,7 +28,7 @@ train step fits on an 80 GB H100 (``max_batch``: memory capped at that card's 81
 with ``torch.cuda.set_per_process_memory_fraction``; a linear fit of the peak at two batch
 sizes, then probes around the prediction, catching out-of-memory). ``--max-batch-only``
 measures just that, without the timed repeats; with ``--compile`` its probes run blocks
-compiled with a dynamic batch dimension.
+compiled with ``dynamic=True`` (every input dimension symbolic).
 
     # GPU (planned to take about 5 minutes on one H100 or H200; --compile adds the compilation)
     REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo@9745241 PYTHONPATH=src:. \\
@@ -516,6 +516,8 @@ def bench_arch(
         },
         "build_s": round(time.perf_counter() - start, 2),
     }  # fmt: skip
+    if args.max_batch_only:
+        return max_batch_entry(arch, args, device, regclip, upstream, s, entry)
     meters = {"upstream": Meter(device), "regclip": Meter(device)}
     plans: dict[str, list[tuple[str, Callable[[Any], Any]]]] = {
         "regclip": [
@@ -530,8 +532,6 @@ def bench_arch(
             ("reward", upstream.reward),
             ("train_step", upstream.train_step),
         ]
-    if args.max_batch_only:
-        return max_batch_entry(arch, args, device, regclip, upstream, s, entry)
     for plan in plans.values():  # warm-up (and the fused kernels' compilation)
         Meter(device).iteration(plan)
     order = list(plans)
@@ -575,10 +575,13 @@ def max_batch_entry(
 ) -> dict[str, Any]:
     """``entry["max_batch"]``: each side's :func:`largest_batch` under the 80 GB cap.
 
-    Without ``rollouts`` (``--max-batch-only``) regclip samples its own, with any compiled
-    blocks run eagerly; a compiled transformer's blocks are then compiled again with a
-    dynamic batch dimension, so the probes share one graph per block variant (dynamo's own
-    choice from the second batch size on) instead of compiling one per probe."""
+    With ``rollouts`` (after the timed run) a compiled transformer probes with its graphs
+    as compiled so far: static ones at the timed batch, and from the second batch size on
+    dynamo's automatic ones (the dimensions that changed made symbolic). Without
+    ``rollouts`` (``--max-batch-only``) regclip samples its own, with any compiled blocks
+    run eagerly; a compiled transformer's blocks are then compiled again with
+    ``dynamic=True`` (every input dimension symbolic), so the probes share one graph per
+    block variant instead of compiling at each batch size."""
     if rollouts is None:
         with torch.compiler.set_stance("force_eager"):
             rollouts = regclip.rewarded(regclip.trainer.sample())
@@ -660,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "tiny": args.tiny,
-        "repeats": args.repeats,
+        "repeats": 0 if args.max_batch_only else args.repeats,
         "sdpa": args.sdpa,
         "upstream": bool(args.src),
         "archs": {},

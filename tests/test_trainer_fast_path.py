@@ -176,10 +176,10 @@ def test_compiled_blocks_give_the_eager_gradient(
     torch._dynamo.reset()
     assert counter.frame_count > (8 if arch == "sd3" else len(names))
     assert len(compiled_grads) == len(eager_grads) > 0
+    tolerance = (
+        {"rtol": 1e-5, "atol": 1e-7} if backend == "aot_eager" else {"rtol": 1e-3, "atol": 1e-5}
+    )
     for got, want in zip(compiled_grads + compiled_step, eager_grads + eager_step, strict=True):
-        tolerance = (
-            {"rtol": 1e-5, "atol": 1e-7} if backend == "aot_eager" else {"rtol": 1e-3, "atol": 1e-5}
-        )
         torch.testing.assert_close(got, want, **tolerance)
 
 
