@@ -431,7 +431,7 @@ class MetricLog:
 
     def __init__(self, prefix: str = "regclip/") -> None:
         self.prefix = prefix
-        self._sums: dict[str, Tensor] = {}  # metric name -> 0-d running sum
+        self._sums: dict[tuple[str, ...], Tensor] = {}  # metric names -> (M,) running sums
         self._calls = 0
         self._by_step: dict[int, Tensor] = {}  # int step index -> (F,) sums of _FIELDS
         self._rows: list[tuple[Tensor, Tensor]] = []  # tensor step indices: ((B,), (B, F))
@@ -443,11 +443,15 @@ class MetricLog:
     @torch.no_grad()
     def add(self, output: LossOutput, step_index: int | Sequence[int] | Tensor) -> None:
         """Accumulate one loss call whose transitions are at ``step_index`` (an int, or
-        (B,) indices), without a host read."""
-        for name, value in output.metric_tensors.items():
-            value = value.detach().to(self._dtype(value.device))
-            total = self._sums.get(name)
-            self._sums[name] = value if total is None else total + value
+        (B,) indices), without a host read. The call's metrics are summed as one (M,)
+        tensor: three kernels, not three per metric."""
+        metrics = output.metric_tensors
+        if metrics:
+            names = tuple(metrics)
+            values = torch.stack(list(metrics.values()))  # promoted to a common dtype
+            values = values.to(self._dtype(values.device))
+            total = self._sums.get(names)
+            self._sums[names] = values if total is None else total + values
         self._calls += 1
         ratio = output.ratio.detach()
         dtype = self._dtype(ratio.device)
@@ -476,10 +480,10 @@ class MetricLog:
         """The means since the last flush (one device-to-host transfer); then resets."""
         if self._calls == 0:
             return {}
-        names = list(self._sums)
+        names = [name for key in self._sums for name in key]
         known = sorted(self._by_step)
         n_fields = len(self._FIELDS)
-        parts = [torch.stack([self._sums[n] for n in names])] if names else []
+        parts = list(self._sums.values())
         parts += [self._by_step[k] for k in known]
         parts += [
             torch.cat([steps[:, None], rows], dim=1).reshape(-1) for steps, rows in self._rows
@@ -489,10 +493,9 @@ class MetricLog:
         flat = (
             torch.cat([p.to(device=device, dtype=dtype) for p in parts]).tolist() if parts else []
         )
-        out = {
-            f"{self.prefix}{n}": v / self._calls
-            for n, v in zip(names, flat[: len(names)], strict=True)
-        }
+        out: dict[str, float] = {}
+        for n, v in zip(names, flat[: len(names)], strict=True):  # a name under two keys adds
+            out[f"{self.prefix}{n}"] = out.get(f"{self.prefix}{n}", 0.0) + v / self._calls
         pos = len(names)
         totals: dict[int, list[float]] = {}
         for step in known:
