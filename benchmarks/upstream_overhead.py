@@ -25,7 +25,8 @@ The adapter's overhead, settled two ways:
   ``--time-budget`` stops adding pairs once spent (the count is recorded).
 * ``attribution``: one patched-fused step under ``cProfile``: host seconds spent in
   regclip's and the adapter's own Python (``src/regclip``, ``integrations``), their
-  functions' own time plus the C calls they make directly; and, on CUDA, the device time
+  functions' own time plus the C calls they make directly (``regclip_read_wait_s``: the
+  part spent in device-to-host reads, waiting for the device); and, on CUDA, the device time
   of every kernel of one unpatched and one patched step (``torch.profiler``): their
   difference is the device time the patch adds, the ``guard`` kernels' the fused loss's.
 
@@ -149,18 +150,29 @@ def paired_ratio(
     }
 
 
-def host_seconds_in(stats: pstats.Stats, roots: tuple[str, ...]) -> float:
+DEVICE_READS = ("cpu", "item", "tolist", "numpy")
+"""Tensor methods that copy to the host, waiting for the device's queue to get there."""
+
+
+def host_seconds_in(
+    stats: pstats.Stats, roots: tuple[str, ...], c_methods: tuple[str, ...] | None = None
+) -> float:
     """Seconds a profile spent in functions defined under ``roots``: their own time, plus
-    the time of C functions (``~`` in ``pstats``) on calls made directly from them."""
+    the time of C functions (``~`` in ``pstats``) on calls made directly from them. With
+    ``c_methods``, only the time of those methods' C calls made directly from ``roots``
+    (for :data:`DEVICE_READS`: the time spent waiting for device values)."""
 
     def ours(path: str) -> bool:
         return path.startswith(roots)
 
+    def counted(name: str) -> bool:
+        return c_methods is None or any(name.startswith(f"<method '{m}' ") for m in c_methods)
+
     total = 0.0
-    for (path, _, _), (_, _, own, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
-        if ours(path):
+    for (path, _, name), (_, _, own, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if ours(path) and c_methods is None:
             total += own
-        elif path == "~":
+        elif path == "~" and counted(name):
             total += sum(edge[2] for caller, edge in callers.items() if ours(caller[0]))
     return total
 
@@ -190,10 +202,12 @@ def attribute(device: torch.device, step: Callable[[str], Any]) -> dict[str, Any
     _sync(device)
     profiler.disable()
     wall = time.perf_counter() - start
-    host = host_seconds_in(pstats.Stats(profiler), OURS)
+    stats = pstats.Stats(profiler)
+    host = host_seconds_in(stats, OURS)
     out: dict[str, Any] = {
         "profiled_step_s": round(wall, 4),
         "regclip_host_s": round(host, 4),
+        "regclip_read_wait_s": round(host_seconds_in(stats, OURS, DEVICE_READS), 4),
         "regclip_host_pct": round(100 * host / wall, 2),
     }
     if device.type == "cuda":

@@ -57,6 +57,27 @@ def test_host_seconds_count_our_functions_and_the_c_calls_they_make() -> None:
     assert upstream_overhead.host_seconds_in(stats, ("/nowhere/",)) == 0.0
 
 
+def test_read_wait_counts_only_device_reads_made_from_our_code() -> None:
+    here = str(Path(__file__).resolve().parent)
+    values = np.zeros(2 * 10**6)
+
+    def step() -> None:  # entered while profiling, so its C calls have a caller here
+        _busy(0.03)  # our own time: not a read
+        sorted(range(10**5))  # a C call, not a read
+        values.tolist()  # a read
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    reads = upstream_overhead.host_seconds_in(stats, (here,), upstream_overhead.DEVICE_READS)
+    everything = upstream_overhead.host_seconds_in(stats, (here,))
+    assert 0 < reads < everything - 0.03
+    (tolist,) = [v for (_, _, n), v in stats.stats.items() if "'tolist'" in n]  # type: ignore[attr-defined]
+    assert reads == pytest.approx(tolist[3])
+
+
 @UPSTREAM[0]
 @UPSTREAM[1]
 def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path: Path) -> None:
