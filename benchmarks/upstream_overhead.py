@@ -26,7 +26,8 @@ The adapter's overhead, settled two ways:
 * ``attribution``: one patched-fused step under ``cProfile``: host seconds spent in
   regclip's and the adapter's own Python (``src/regclip``, ``integrations``), their
   functions' own time plus the C calls they make directly (``regclip_read_wait_s``: the
-  part spent in device-to-host reads, waiting for the device); and, on CUDA, the device time
+  part spent in the C methods that read device values, waiting included; a lower bound of
+  all reads, see :data:`DEVICE_READS`); and, on CUDA, the device time
   of every kernel of one unpatched and one patched step (``torch.profiler``): their
   difference is the device time the patch adds, the ``guard`` kernels' the fused loss's.
 
@@ -150,8 +151,10 @@ def paired_ratio(
     }
 
 
-DEVICE_READS = ("cpu", "item", "tolist", "numpy")
-"""Tensor methods that copy to the host, waiting for the device's queue to get there."""
+DEVICE_READS = ("cpu", "item", "tolist", "numpy", "nonzero")
+"""Tensor methods that copy to the host, waiting for the device's queue to get there.
+``bool(t)``, ``float(t)`` and ``int(t)`` wait too, but ``cProfile`` records no call for
+them: their time is the calling function's own."""
 
 
 def host_seconds_in(
@@ -160,7 +163,8 @@ def host_seconds_in(
     """Seconds a profile spent in functions defined under ``roots``: their own time, plus
     the time of C functions (``~`` in ``pstats``) on calls made directly from them. With
     ``c_methods``, only the time of those methods' C calls made directly from ``roots``
-    (for :data:`DEVICE_READS`: the time spent waiting for device values)."""
+    (for :data:`DEVICE_READS`: a lower bound of the time spent reading device values,
+    waiting included)."""
 
     def ours(path: str) -> bool:
         return path.startswith(roots)

@@ -444,14 +444,18 @@ class MetricLog:
     def add(self, output: LossOutput, step_index: int | Sequence[int] | Tensor) -> None:
         """Accumulate one loss call whose transitions are at ``step_index`` (an int, or
         (B,) indices), without a host read. The call's metrics are summed as one (M,)
-        tensor: three kernels, not three per metric."""
+        tensor: when they share a dtype (the losses' metrics do), three kernels instead of
+        two per metric; mixed dtypes are each cast first, so none is rounded by another's."""
         metrics = output.metric_tensors
         if metrics:
             names = tuple(metrics)
-            values = torch.stack(list(metrics.values()))  # promoted to a common dtype
-            values = values.to(self._dtype(values.device))
+            values = list(metrics.values())
+            dtype = self._dtype(values[0].device)
+            if any(v.dtype != values[0].dtype for v in values):
+                values = [v.to(dtype) for v in values]
+            stacked = torch.stack(values).to(dtype)
             total = self._sums.get(names)
-            self._sums[names] = values if total is None else total + values
+            self._sums[names] = stacked if total is None else total + stacked
         self._calls += 1
         ratio = output.ratio.detach()
         dtype = self._dtype(ratio.device)

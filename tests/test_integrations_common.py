@@ -566,6 +566,22 @@ def test_metric_log_flush_equals_the_pooled_reference_and_timestep_diagnostics()
     assert log.flush() == pytest.approx(_reference_flush(calls[:1]), rel=1e-6, abs=1e-12)
 
 
+def test_metric_log_keeps_integer_metrics_exact_beside_low_precision_ones():
+    out = SimpleNamespace(
+        metric_tensors={
+            "loss": torch.tensor(1001.0, dtype=torch.bfloat16),  # bf16 rounds 1001 to 1000
+            "count": torch.tensor(2**30 + 1),
+        },
+        ratio=torch.ones(2),
+        log_ratio=torch.zeros(2),
+        clipped=torch.zeros(2, dtype=torch.bool),
+    )
+    log = MetricLog()
+    log.add(out, 0)  # type: ignore[arg-type]
+    flushed = log.flush()
+    assert flushed["regclip/count"] == 2**30 + 1 and flushed["regclip/loss"] == 1000.0
+
+
 def test_metric_log_add_never_reads_a_value_on_the_host(monkeypatch):
     calls = _mixed_calls()
 
