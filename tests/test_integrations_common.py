@@ -600,6 +600,22 @@ def test_metric_log_add_never_reads_a_value_on_the_host(monkeypatch):
     assert flushed == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
+def test_a_batch_schedule_is_for_its_tensors_until_one_is_written_in_place():
+    from integrations.flow_grpo.adapter import _BatchSchedule
+
+    sample = {"next_latents": torch.zeros(2, 3, 4), "timesteps": torch.ones(2, 3)}
+    scheduler = SimpleNamespace(timesteps=torch.arange(3.0), sigmas=torch.linspace(1, 0, 4))
+    empty = torch.empty(0)
+    schedule = _BatchSchedule(
+        _BatchSchedule.sources_of(_BatchSchedule.identity(sample, scheduler)),
+        empty, empty, empty, empty,
+    )  # fmt: skip
+    assert schedule.is_for(sample, scheduler)
+    assert not schedule.is_for({**sample, "next_latents": torch.zeros(2, 3, 4)}, scheduler)
+    sample["timesteps"].mul_(2)  # same tensor, new values: not the batch it was read for
+    assert not schedule.is_for(sample, scheduler)
+
+
 def test_flow_grpo_adapter_builds_one_loss_per_schedule_and_never_swaps_its_kernel():
     from integrations.flow_grpo.adapter import FlowGRPOAdapter
 

@@ -331,9 +331,9 @@ class DanceGRPOAdapter(UpstreamAdapter):
         ``train_one_step``, the store keys of all its samples' draws, all its sigma indices
         and, the first time after a rollout, the keys of the recorded draws (one transfer
         each); none on its other calls. Inputs that are not slices of such a tensor
-        (:func:`_rows_of_base`) cost
-        two transfers on every call instead: their keys and their sigma index. (The loss's
-        value checks, ``--regclip_validate``, read on their own.)"""
+        (:func:`_rows_of_base`) cost two transfers on every call instead: their keys and
+        their sigma index. (The loss's value checks, ``--regclip_validate``, read on their
+        own.)"""
         index = rest[-2]  # `i`, the sigma index of this transition
         host_index = self._sigma_indices(index) if isinstance(index, Tensor) else None
         step_index = int(index if host_index is None else host_index)

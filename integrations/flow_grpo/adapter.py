@@ -407,9 +407,9 @@ class _BatchSchedule:
     schedule's sigmas, every transition's t and dt on the device, and the store keys of
     its draws. Identified by the sample's ``next_latents`` and ``timesteps`` tensors and
     the scheduler's ``timesteps`` and ``sigmas``, held weakly (a freed tensor never matches
-    a new one)."""
+    a new one), and by their versions (one written in place is read again)."""
 
-    sources: tuple[weakref.ref[Tensor], ...]
+    sources: tuple[tuple[weakref.ref[Tensor], int], ...]  # (tensor, its _version)
     sigmas: Tensor  # (S + 1,) float32, host
     t: Tensor  # (B, T) float32, device
     dt: Tensor  # (B, T) float32, device
@@ -419,9 +419,16 @@ class _BatchSchedule:
     def identity(sample: dict[str, Tensor], scheduler: Any) -> tuple[Tensor, ...]:
         return sample["next_latents"], sample["timesteps"], scheduler.timesteps, scheduler.sigmas
 
+    @staticmethod
+    def sources_of(tensors: tuple[Tensor, ...]) -> tuple[tuple[weakref.ref[Tensor], int], ...]:
+        return tuple((weakref.ref(x), x._version) for x in tensors)
+
     def is_for(self, sample: dict[str, Tensor], scheduler: Any) -> bool:
         now = self.identity(sample, scheduler)
-        return all(ref() is tensor for ref, tensor in zip(self.sources, now, strict=True))
+        return all(
+            ref() is tensor and version == tensor._version
+            for (ref, version), tensor in zip(self.sources, now, strict=True)
+        )
 
 
 class _Forward:
@@ -611,7 +618,7 @@ class FlowGRPOAdapter(UpstreamAdapter):
         t = sigmas[index]
         heads = self.store.heads(draws.flatten(0, 1)).view(*draws.shape[:2], -1)
         self._batch = _BatchSchedule(
-            sources=tuple(weakref.ref(x) for x in sources),
+            sources=_BatchSchedule.sources_of(sources),
             sigmas=sigmas,
             t=t.to(device),
             dt=(sigmas[index + 1] - t).to(device),
