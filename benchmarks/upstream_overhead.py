@@ -445,7 +445,6 @@ def main(argv: list[str] | None = None) -> int:
         "archs": {},
     }
     start = time.perf_counter()
-    report["total_s"] = 0.0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for arch in args.arch:
