@@ -234,7 +234,8 @@ def overhead_table(report: dict[str, Any]) -> str:
             f"{a['fused_loss_kernels_ms']:.3f} ms ({a['fused_loss_pct']:.3f} %)",
             f"**{t['verdict']}**: {t['median_pct']:.2f} % "
             f"({t['ci95_pct'][0]:.2f} to {t['ci95_pct'][1]:.2f} %)",
-            f"**{b['verdict']}**: {b['estimate_pct']:.2f} %, at most {b['bound_pct']:.2f} %"
+            f"**{b['verdict']}**: {b['estimate_pct']:.2f} % of the step, "
+            f"{b['bound_pct']:.2f} % of its kernel time"
             if b
             else "—",
         ])  # fmt: skip
