@@ -24,7 +24,8 @@ The adapter's overhead, settled two ways:
   seeded). Pairing cancels the drift that makes separate medians spread by +-10 %.
   ``--time-budget`` stops adding pairs once spent (the count is recorded).
 * ``attribution``: one patched-fused step under ``cProfile``: host seconds spent in
-  regclip's and the adapter's own Python (``src/regclip``, ``integrations``), their
+  regclip's and the adapter's own Python (:data:`OURS`; not the harness that runs upstream's
+  loop in both modes), their
   functions' own time plus the C calls they make directly (``regclip_read_wait_s``: the
   part spent in the C methods that read device values, waiting included; a lower bound of
   all reads, see :data:`DEVICE_READS`); and, on CUDA, the device time
@@ -67,8 +68,14 @@ from integrations.standins import install_standins  # noqa: E402
 MODES = ("upstream", "grpo_guard", "grpo_guard_fused")
 PAIRED = ("upstream", "grpo_guard_fused")
 BOOTSTRAP = 2000
-OURS = (str(ROOT / "src" / "regclip"), str(ROOT / "integrations"))
-"""Where regclip's own code lives (the attribution's host side)."""
+OURS = tuple(
+    str(ROOT / part)
+    for part in ("src/regclip/", "integrations/common.py", "integrations/flow_grpo/adapter.py")
+)
+"""Where the patch's code lives (the attribution's host side): the library and the
+Flow-GRPO adapter. The harness that drives upstream's loop in every mode
+(``integrations/flow_grpo/smoke.py``, ``integrations/standins.py``) is not the patch's
+cost, so it is left out."""
 # Flow-GRPO's recipes at 512 px: SD3.5-M 10 steps, CFG 4.5 in training (train.cfg),
 # 9 trained steps; Flux 16 steps here (embedded guidance 3.5), 9 trained steps. Micro-batch
 # 4 (SD3, doubled by CFG) and 2 (Flux) keep both within one H200 without checkpointing.

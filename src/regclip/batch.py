@@ -101,7 +101,8 @@ class TransitionBatch:
     @property
     def has_means(self) -> bool:
         """Whether the closed-form log-ratio can be computed (mean, old_mean, next_sample)."""
-        return None not in (self.mean, self.rollout_mean, self.next_sample)
+        # identity tests: ``None in (tensors)`` would call Tensor.__eq__ on each
+        return all(x is not None for x in (self.mean, self.rollout_mean, self.next_sample))
 
     @property
     def has_log_probs(self) -> bool:
