@@ -605,15 +605,16 @@ def test_a_batch_schedule_is_for_its_tensors_until_one_is_written_in_place():
 
     sample = {"next_latents": torch.zeros(2, 3, 4), "timesteps": torch.ones(2, 3)}
     scheduler = SimpleNamespace(timesteps=torch.arange(3.0), sigmas=torch.linspace(1, 0, 4))
-    empty = torch.empty(0)
+    empty, config = torch.empty(0), SimpleNamespace()
     schedule = _BatchSchedule(
         _BatchSchedule.sources_of(_BatchSchedule.identity(sample, scheduler)),
-        empty, empty, empty, empty,
+        empty, empty, empty, empty, config, regclip.GuardedPPOLoss(),
     )  # fmt: skip
-    assert schedule.is_for(sample, scheduler)
-    assert not schedule.is_for({**sample, "next_latents": torch.zeros(2, 3, 4)}, scheduler)
+    assert schedule.is_for(sample, scheduler, config)
+    assert not schedule.is_for(sample, scheduler, SimpleNamespace())  # another run's config
+    assert not schedule.is_for({**sample, "next_latents": torch.zeros(2, 3, 4)}, scheduler, config)
     sample["timesteps"].mul_(2)  # same tensor, new values: not the batch it was read for
-    assert not schedule.is_for(sample, scheduler)
+    assert not schedule.is_for(sample, scheduler, config)
 
 
 def test_flow_grpo_adapter_builds_one_loss_per_schedule_and_never_swaps_its_kernel():

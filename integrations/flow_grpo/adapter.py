@@ -404,16 +404,19 @@ class _BatchSchedule:
     """One training batch of upstream's samples, read to the host once for all its steps
     ``j`` (three small copies back to back on the batch's first step, where upstream's own
     step has just waited for the device, instead of several waits per loss call): the
-    schedule's sigmas, every transition's t and dt on the device, and the store keys of
-    its draws. Identified by the sample's ``next_latents`` and ``timesteps`` tensors and
-    the scheduler's ``timesteps`` and ``sigmas``, held weakly (a freed tensor never matches
-    a new one), and by their versions (one written in place is read again)."""
+    schedule's sigmas, every transition's t and dt on the device, the store keys of its
+    draws, and the loss for its schedule (so its steps build no kernel). Identified by the
+    sample's ``next_latents`` and ``timesteps`` tensors and the scheduler's ``timesteps`` and
+    ``sigmas``, held weakly (a freed tensor never matches a new one), by their versions (one
+    written in place is read again), and by the run's config object."""
 
     sources: tuple[tuple[weakref.ref[Tensor], int], ...]  # (tensor, its _version)
     sigmas: Tensor  # (S + 1,) float32, host
     t: Tensor  # (B, T) float32, device
     dt: Tensor  # (B, T) float32, device
     heads: Tensor  # (B, T, key_size) float64, host
+    config: Any  # upstream's run config the loss was built from (compared by identity)
+    loss_fn: GuardedPPOLoss
 
     @staticmethod
     def identity(sample: dict[str, Tensor], scheduler: Any) -> tuple[Tensor, ...]:
@@ -423,9 +426,9 @@ class _BatchSchedule:
     def sources_of(tensors: tuple[Tensor, ...]) -> tuple[tuple[weakref.ref[Tensor], int], ...]:
         return tuple((weakref.ref(x), x._version) for x in tensors)
 
-    def is_for(self, sample: dict[str, Tensor], scheduler: Any) -> bool:
+    def is_for(self, sample: dict[str, Tensor], scheduler: Any, config: Any) -> bool:
         now = self.identity(sample, scheduler)
-        return all(
+        return self.config is config and all(
             ref() is tensor and version == tensor._version
             for (ref, version), tensor in zip(self.sources, now, strict=True)
         )
@@ -606,7 +609,7 @@ class FlowGRPOAdapter(UpstreamAdapter):
         Each t is ``sigmas[scheduler.index_for_timestep(timestep)]`` (the index upstream's SDE
         step uses) and dt the next sigma minus it."""
         scheduler = step.pipeline.scheduler
-        if self._batch is not None and self._batch.is_for(step.sample, scheduler):
+        if self._batch is not None and self._batch.is_for(step.sample, scheduler, step.config):
             return self._batch
         draws, timesteps, _, _ = sources = _BatchSchedule.identity(step.sample, scheduler)
         schedule = scheduler.timesteps.cpu()
@@ -623,6 +626,8 @@ class FlowGRPOAdapter(UpstreamAdapter):
             t=t.to(device),
             dt=(sigmas[index + 1] - t).to(device),
             heads=heads,
+            config=step.config,
+            loss_fn=self._loss_fn(step.config, sigmas),
         )
         return self._batch
 
@@ -634,11 +639,11 @@ class FlowGRPOAdapter(UpstreamAdapter):
             return upstream_loss
         sample, j = step.sample, step.j
         batch = self._batch_schedule(step)
-        sigmas, t, dt = batch.sigmas, batch.t[:, j], batch.dt[:, j]
+        t, dt = batch.t[:, j], batch.dt[:, j]
         stored = sample["next_latents"][:, j]
         old_mean = self.store.lookup(stored, ["mean"], heads=batch.heads[:, j])["mean"]
         next_sample = stored.float()
-        loss_fn = self.validated(self._loss_fn(step.config, sigmas), j)
+        loss_fn = self.validated(batch.loss_fn, j)
         out = loss_fn(
             advantages=sample["advantages"][:, j],
             mean=step.mean,
