@@ -82,18 +82,21 @@ def overhead_target(paired: dict[str, Any]) -> dict[str, Any]:
 def profile_bound(entry: dict[str, Any]) -> dict[str, Any]:
     """The <= 1 % target against the profiler's attribution of one architecture's overhead
     entry. What the patch adds is host time and the device time ``d`` (% of the kernel
-    time, counted when positive). The host part is taken as ``h``, regclip's and the
-    adapter's functions' own time plus the C calls they make directly, under
-    ``cProfile`` (which slows Python down); Python of other packages that they call
-    (torch's wrappers, Triton's launcher) is not in ``h``, and the Python of upstream's
-    code the patch replaces is not subtracted. As a share of the step, ``h`` is divided by
+    time, counted when positive). The host part ``h`` is the larger of two figures:
+    regclip's and the adapter's functions' own time plus the C calls they make directly,
+    under ``cProfile`` (which slows Python down, but leaves out the Python of other
+    packages they call: torch's wrappers, Triton's launcher); and, where recorded,
+    ``patch_wall_s``, the patch's entry points timed whole without a profiler (everything
+    they run, launches included). The Python of upstream's code the patch replaces is not
+    subtracted. As a share of the step, ``h`` is divided by
     the unpatched step's time without a profiler, ``T`` (one unpaired run, as noisy as the
     pairs), or by the step's kernel time ``K``, which a step on one stream cannot be
     shorter than: the bound is ``100 h / K + max(0, d)``, the estimate
     ``100 h / T + max(0, d)``. Met when the bound is at or under 1 %; over it the profile
     shows nothing either way ("not shown")."""
     a = entry["attribution"]
-    host_s, added = a["regclip_host_s"], max(0.0, a["device_added_pct"])
+    host_s = max(a["regclip_host_s"], a.get("patch_wall_s", 0.0))
+    added = max(0.0, a["device_added_pct"])
     estimate = 100 * host_s / entry["train_step_s"]["upstream"] + added
     bound = 100 * host_s / (a["device_step_ms"]["upstream"] / 1000) + added
     return {

@@ -87,3 +87,18 @@ def test_profile_bound_divides_host_time_by_the_kernel_time_floor(
     target = pt.profile_bound(entry)
     assert target["estimate_pct"] == pytest.approx(estimate)
     assert target["bound_pct"] == pytest.approx(bound) and target["verdict"] == verdict
+
+
+def test_profile_bound_takes_the_larger_host_figure():
+    entry = {
+        "attribution": {
+            "regclip_host_s": 0.01,
+            "patch_wall_s": 0.03,
+            "device_added_pct": 0.0,
+            "device_step_ms": {"upstream": 2000.0},
+        },
+        "train_step_s": {"upstream": 2.5},
+    }
+    assert pt.profile_bound(entry)["bound_pct"] == pytest.approx(1.5)  # the wall time's
+    entry["attribution"]["patch_wall_s"] = 0.005
+    assert pt.profile_bound(entry)["bound_pct"] == pytest.approx(0.5)  # cProfile's

@@ -105,3 +105,38 @@ def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path: Path) -> None:
         attribution = entry["attribution"]
         assert 0 < attribution["regclip_host_s"] < attribution["profiled_step_s"]
         assert 0 < attribution["regclip_host_pct"] < 100
+
+
+class _Upstream:
+    """Stand-in owners: an upstream module function and a patch class calling it back."""
+
+    @staticmethod
+    def work() -> int:
+        _busy(0.04)
+        return 1
+
+
+class _Patch:
+    def outer(self) -> int:
+        _busy(0.02)
+        return self.inner() + _Upstream.work()  # ours nested in ours, and a call back
+
+    def inner(self) -> int:
+        _busy(0.01)
+        return 1
+
+
+def test_patch_clock_times_our_outermost_calls_less_upstream_calls_back() -> None:
+    upstream, patch = vars(_Upstream)["work"], (vars(_Patch)["outer"], vars(_Patch)["inner"])
+    clock = upstream_overhead.PatchClock(
+        ours=[(_Patch, "outer"), (_Patch, "inner")], theirs=[(_Upstream, "work")]
+    )
+    with clock:
+        assert _Patch().outer() == 2
+        _Upstream.work()  # upstream's own call outside the patch: not subtracted
+        _Patch().inner()
+    assert 0.04 <= clock.seconds < 0.046  # 0.02 + 0.01 (nested: once) + 0.01, less 0.04
+    assert vars(_Upstream)["work"] is upstream  # restored on exit
+    assert (vars(_Patch)["outer"], vars(_Patch)["inner"]) == patch
+    _Patch().outer()
+    assert clock.seconds < 0.046  # not counted once exited
