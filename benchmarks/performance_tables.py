@@ -92,8 +92,10 @@ def profile_bound(entry: dict[str, Any]) -> dict[str, Any]:
     the unpatched step's time without a profiler, ``T`` (one unpaired run, as noisy as the
     pairs), or by the step's kernel time ``K``, which a step on one stream cannot be
     shorter than: the bound is ``100 h / K + max(0, d)``, the estimate
-    ``100 h / T + max(0, d)``. Met when the bound is at or under 1 %; over it the profile
-    shows nothing either way ("not shown")."""
+    ``100 h / T + max(0, d)``. Met when the bound is at or under 1 % and ``h`` includes
+    ``patch_wall_s``; at or under 1 % on ``cProfile``'s figure alone, which leaves out
+    other packages' Python, it is only that ("under 1 % by cProfile only"); over 1 % the
+    profile shows nothing either way ("not shown")."""
     a = entry["attribution"]
     host_s = max(a["regclip_host_s"], a.get("patch_wall_s", 0.0))
     added = max(0.0, a["device_added_pct"])
@@ -103,7 +105,11 @@ def profile_bound(entry: dict[str, Any]) -> dict[str, Any]:
         "target_pct": OVERHEAD_TARGET_PCT,
         "estimate_pct": round(estimate, 2),
         "bound_pct": round(bound, 2),
-        "verdict": "met" if bound <= OVERHEAD_TARGET_PCT else "not shown",
+        "verdict": "not shown"
+        if bound > OVERHEAD_TARGET_PCT
+        else "met"
+        if "patch_wall_s" in a
+        else "under 1 % by cProfile only",
     }
 
 

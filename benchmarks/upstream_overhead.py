@@ -33,7 +33,8 @@ The adapter's overhead, settled two ways:
   difference is the device time the patch adds, the ``guard`` kernels' the fused loss's.
   Without a profiler, :class:`PatchClock` times the patch's entry points whole on
   :data:`CLOCKED` more steps (``patch_wall_s``): the loss call, the ``compute_log_prob``
-  wrapper less upstream's function, the metric flush; this counts the Python of other
+  wrapper less upstream's function, the metric flush, each started on a synchronised
+  device (scripts whose ``backward`` is ``inject`` are not clocked); this counts the Python of other
   packages they call and their kernel launches, which ``cProfile``'s figure leaves out.
 
     # on the GPU machine (about 4 minutes on one H200)
@@ -48,6 +49,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
+import inspect
 import json
 import os
 import pstats
@@ -172,12 +175,24 @@ class PatchClock:
     wrapper). While entered, each is replaced on its owner by a timed wrapper: a call of
     ours that no other call of ours encloses is timed whole, less the calls of theirs it
     makes. Everything else it runs counts (regclip's Python, torch's and Triton's Python,
-    kernel launches, any wait for the device), unlike ``cProfile``'s own-time figure, and
-    nothing is slowed by a profiler. Owners must be patched before the adapter installs,
-    so that it binds and calls the wrappers. :attr:`seconds` accumulates until reset."""
+    kernel launches), unlike ``cProfile``'s own-time figure, and nothing is slowed by a
+    profiler. ``sync`` (the device's synchronisation) runs before each such outermost call,
+    outside the timed span: the call starts on an idle device, so a read it makes waits for
+    its own kernels only, not for upstream's work queued before it (a wait upstream's code
+    would pay a moment later anyway). :attr:`seconds` accumulates until reset.
 
-    def __init__(self, ours: list[tuple[Any, str]], theirs: list[tuple[Any, str]]) -> None:
-        self.ours, self.theirs = ours, theirs
+    Owners hold plain functions (a module's, or a class's methods); they must be patched
+    before the adapter installs, so that it binds and calls the wrappers. A function that
+    reads its caller's frame sees the wrapper's: the adapter does in the scripts whose
+    ``backward`` is ``inject``, which therefore cannot be clocked."""
+
+    def __init__(
+        self,
+        ours: list[tuple[Any, str]],
+        theirs: list[tuple[Any, str]],
+        sync: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.ours, self.theirs, self.sync = ours, theirs, sync
         self.seconds = 0.0
         self._depth = 0  # calls of ours now on the stack
         self._saved: list[tuple[Any, str, Any]] = []
@@ -185,8 +200,11 @@ class PatchClock:
     def _wrap(self, fn: Callable[..., Any], mine: bool) -> Callable[..., Any]:
         clock = self
 
+        @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
             counted = clock._depth == 0 if mine else clock._depth > 0
+            if mine and counted:
+                clock.sync()
             clock._depth += mine
             start = time.perf_counter()
             try:
@@ -200,11 +218,19 @@ class PatchClock:
         return timed
 
     def __enter__(self) -> PatchClock:
+        found = []
         for targets, mine in ((self.ours, True), (self.theirs, False)):
             for owner, name in targets:
-                fn = vars(owner)[name]  # a class's plain function, or a module's
-                self._saved.append((owner, name, fn))
-                setattr(owner, name, self._wrap(fn, mine))
+                fn = vars(owner).get(name)
+                if not inspect.isfunction(fn):
+                    raise TypeError(
+                        f"PatchClock wraps plain functions; {owner.__name__}.{name} is "
+                        f"{type(fn).__name__}"
+                    )
+                found.append((owner, name, fn, mine))
+        for owner, name, fn, mine in found:  # all checked first: nothing to undo on error
+            self._saved.append((owner, name, fn))
+            setattr(owner, name, self._wrap(fn, mine))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -431,7 +457,8 @@ def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
             ours=[(FlowGRPOAdapter, "replace_loss"), (FlowGRPOAdapter, "_compute_log_prob"),
                   (MetricLog, "flush")],
             theirs=[(up.train_module, "compute_log_prob")],
-        )  # fmt: skip
+            sync=lambda: _sync(device),
+        ) if up.spec.backward == "accelerator" else None  # fmt: skip
         result["attribution"] = attribute(device, step, clock)
     return result
 

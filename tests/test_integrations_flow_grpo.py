@@ -274,19 +274,22 @@ def test_a_training_batch_reads_the_device_once_whatever_its_step_count(up, logg
         return loss_fn
 
     monkeypatch.setattr(adapter, "validated", recording)
+    built = []  # the loss (and its kernel) is looked up once per batch, not per call
+    build = adapter._loss_fn
+    monkeypatch.setattr(adapter, "_loss_fn", lambda *a: built.append(1) or build(*a))
     for _ in range(2):  # two optimizer steps over the same batch
         with adapter:
             accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
             smoke.run_timestep_loop(up, pipe, sample, config, accelerator, NoStep(), embeds)
     # the schedule and timesteps, the draws' keys, the recorded keys: once for 8 loss calls
     assert sorted(reads) == ["_batch_schedule", "_batch_schedule", "_settle", "heads"]
-    assert validated == [True] * steps + [False] * steps
+    assert validated == [True] * steps + [False] * steps and len(built) == 1
     assert adapter.loss_fn is not None and adapter.loss_fn.validate is False
     reads.clear()
     with adapter:  # a new batch (new tensors, as upstream's shuffle makes): read again
         accelerator = up.train_module.Accelerator(gradient_accumulation_steps=steps)
         shuffled = {k: v[torch.tensor([1, 0, 3, 2])] for k, v in sample.items()}
         smoke.run_timestep_loop(up, pipe, shuffled, config, accelerator, NoStep(), embeds)
-    assert sorted(reads) == ["_batch_schedule", "_batch_schedule", "heads"]
+    assert sorted(reads) == ["_batch_schedule", "_batch_schedule", "heads"] and len(built) == 2
     always = FlowGRPOAdapter(up, RegclipOptions(validate="always"))
     assert [always.validated(adapter.loss_fn, 0).validate for _ in range(2)] == [True, True]

@@ -10,6 +10,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -105,21 +106,24 @@ def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path: Path) -> None:
         attribution = entry["attribution"]
         assert 0 < attribution["regclip_host_s"] < attribution["profiled_step_s"]
         assert 0 < attribution["regclip_host_pct"] < 100
+        assert 0 < attribution["patch_wall_s"] < attribution["profiled_step_s"]
 
 
-class _Upstream:
-    """Stand-in owners: an upstream module function and a patch class calling it back."""
+def _work() -> int:
+    _busy(0.04)
+    return 1
 
-    @staticmethod
-    def work() -> int:
-        _busy(0.04)
-        return 1
+
+_UPSTREAM = ModuleType("upstream_stand_in")  # an upstream module ...
+_UPSTREAM.work = _work  # type: ignore[attr-defined]
 
 
 class _Patch:
+    """... and the patch, calling it back."""
+
     def outer(self) -> int:
         _busy(0.02)
-        return self.inner() + _Upstream.work()  # ours nested in ours, and a call back
+        return self.inner() + _UPSTREAM.work()  # ours nested in ours, and a call back
 
     def inner(self) -> int:
         _busy(0.01)
@@ -127,16 +131,40 @@ class _Patch:
 
 
 def test_patch_clock_times_our_outermost_calls_less_upstream_calls_back() -> None:
-    upstream, patch = vars(_Upstream)["work"], (vars(_Patch)["outer"], vars(_Patch)["inner"])
+    upstream, patch = _work, (vars(_Patch)["outer"], vars(_Patch)["inner"])
+    syncs: list[float] = []
     clock = upstream_overhead.PatchClock(
-        ours=[(_Patch, "outer"), (_Patch, "inner")], theirs=[(_Upstream, "work")]
+        ours=[(_Patch, "outer"), (_Patch, "inner")],
+        theirs=[(_UPSTREAM, "work")],
+        sync=lambda: syncs.append(clock.seconds),
     )
     with clock:
+        assert _Patch.inner.__name__ == "inner"  # wrapped, signature and name kept
         assert _Patch().outer() == 2
-        _Upstream.work()  # upstream's own call outside the patch: not subtracted
+        _UPSTREAM.work()  # upstream's own call outside the patch: not subtracted
         _Patch().inner()
     assert 0.04 <= clock.seconds < 0.046  # 0.02 + 0.01 (nested: once) + 0.01, less 0.04
-    assert vars(_Upstream)["work"] is upstream  # restored on exit
+    assert len(syncs) == 2 and syncs[0] == 0.0  # before each outermost call, untimed
+    assert _UPSTREAM.work is upstream  # restored on exit
     assert (vars(_Patch)["outer"], vars(_Patch)["inner"]) == patch
     _Patch().outer()
     assert clock.seconds < 0.046  # not counted once exited
+
+
+class _Descriptors:
+    @classmethod
+    def made(cls) -> int:
+        return 1
+
+    def plain(self) -> int:
+        return 1
+
+
+def test_patch_clock_refuses_what_it_cannot_wrap_and_patches_nothing() -> None:
+    plain = vars(_Descriptors)["plain"]
+    clock = upstream_overhead.PatchClock(
+        ours=[(_Descriptors, "plain"), (_Descriptors, "made")], theirs=[]
+    )
+    with pytest.raises(TypeError, match=r"_Descriptors\.made is classmethod"):
+        clock.__enter__()
+    assert vars(_Descriptors)["plain"] is plain and clock.seconds == 0.0

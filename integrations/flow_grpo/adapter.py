@@ -408,7 +408,8 @@ class _BatchSchedule:
     draws, and the loss for its schedule (so its steps build no kernel). Identified by the
     sample's ``next_latents`` and ``timesteps`` tensors and the scheduler's ``timesteps`` and
     ``sigmas``, held weakly (a freed tensor never matches a new one), by their versions (one
-    written in place is read again), and by the run's config object."""
+    written in place is read again), and by the run's config object (read on the batch's
+    first step: a setting changed in place during a batch applies from the next one)."""
 
     sources: tuple[tuple[weakref.ref[Tensor], int], ...]  # (tensor, its _version)
     sigmas: Tensor  # (S + 1,) float32, host
