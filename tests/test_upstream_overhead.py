@@ -136,7 +136,7 @@ def test_patch_clock_times_our_outermost_calls_less_upstream_calls_back() -> Non
     clock = upstream_overhead.PatchClock(
         ours=[(_Patch, "outer"), (_Patch, "inner")],
         theirs=[(_UPSTREAM, "work")],
-        sync=lambda: syncs.append(clock.seconds),
+        sync=lambda: syncs.append(clock.seconds) or _busy(0.05),  # untimed, or over 0.046
     )
     with clock:
         assert _Patch.inner.__name__ == "inner"  # wrapped, signature and name kept

@@ -408,8 +408,11 @@ class _BatchSchedule:
     draws, and the loss for its schedule (so its steps build no kernel). Identified by the
     sample's ``next_latents`` and ``timesteps`` tensors and the scheduler's ``timesteps`` and
     ``sigmas``, held weakly (a freed tensor never matches a new one), by their versions (one
-    written in place is read again), and by the run's config object (read on the batch's
-    first step: a setting changed in place during a batch applies from the next one)."""
+    written in place is read again), and by the run's config object. The loss is looked up
+    on the batch's first step: a kernel setting (``sample.noise_level``, ``sde_type``)
+    changed in place during a batch applies from the next one; the loss's other settings
+    (``train.clip_range``, ``beta``, ``adv_clip_max``) are read when a kernel's loss is
+    first built, as :meth:`FlowGRPOAdapter._loss_fn` does."""
 
     sources: tuple[tuple[weakref.ref[Tensor], int], ...]  # (tensor, its _version)
     sigmas: Tensor  # (S + 1,) float32, host
