@@ -608,7 +608,7 @@ def test_a_batch_schedule_is_for_its_tensors_until_one_is_written_in_place():
     empty, config = torch.empty(0), SimpleNamespace()
     schedule = _BatchSchedule(
         _BatchSchedule.sources_of(_BatchSchedule.identity(sample, scheduler)),
-        empty, empty, empty, empty, config, regclip.GuardedPPOLoss(),
+        empty, empty, empty, config, regclip.GuardedPPOLoss(),
     )  # fmt: skip
     assert schedule.is_for(sample, scheduler, config)
     assert not schedule.is_for(sample, scheduler, SimpleNamespace())  # another run's config

@@ -231,9 +231,8 @@ class _BatchCopy:
             return None
         base, row_shape, start = found
         seen = (base._version, row_shape)
-        if self._rows is None or self._source is None or self._source() is not base:
-            self._seen = None
-        if self._seen != seen:
+        fresh = self._source is not None and self._source() is base and self._seen == seen
+        if self._rows is None or not fresh:
             self._rows = self._read(base.reshape(-1, *row_shape))
             self._source, self._seen = weakref.ref(base), seen
         return self._rows[start] if view.ndim == 0 else self._rows[start : start + len(view)]

@@ -403,19 +403,18 @@ class _TrainStep:
 class _BatchSchedule:
     """One training batch of upstream's samples, read to the host once for all its steps
     ``j`` (three small copies back to back on the batch's first step, where upstream's own
-    step has just waited for the device, instead of several waits per loss call): the
-    schedule's sigmas, every transition's t and dt on the device, the store keys of its
-    draws, and the loss for its schedule (so its steps build no kernel). Identified by the
-    sample's ``next_latents`` and ``timesteps`` tensors and the scheduler's ``timesteps`` and
-    ``sigmas``, held weakly (a freed tensor never matches a new one), by their versions (one
-    written in place is read again), and by the run's config object. The loss is looked up
+    step has just waited for the device, instead of several waits per loss call): every
+    transition's t and dt on the device, the store keys of its draws, and the loss for its
+    schedule (so its steps build no kernel). Identified by the sample's ``next_latents`` and
+    ``timesteps`` tensors and the scheduler's ``timesteps`` and ``sigmas``, held weakly (a
+    freed tensor never matches a new one), by their versions (one written in place is read
+    again), and by the run's config object. The loss is looked up
     on the batch's first step: a kernel setting (``sample.noise_level``, ``sde_type``)
     changed in place during a batch applies from the next one; the loss's other settings
     (``train.clip_range``, ``beta``, ``adv_clip_max``) are read when a kernel's loss is
     first built, as :meth:`FlowGRPOAdapter._loss_fn` does."""
 
     sources: tuple[tuple[weakref.ref[Tensor], int], ...]  # (tensor, its _version)
-    sigmas: Tensor  # (S + 1,) float32, host
     t: Tensor  # (B, T) float32, device
     dt: Tensor  # (B, T) float32, device
     heads: Tensor  # (B, T, key_size) float64, host
@@ -626,7 +625,6 @@ class FlowGRPOAdapter(UpstreamAdapter):
         heads = self.store.heads(draws.flatten(0, 1)).view(*draws.shape[:2], -1)
         self._batch = _BatchSchedule(
             sources=_BatchSchedule.sources_of(sources),
-            sigmas=sigmas,
             t=t.to(device),
             dt=(sigmas[index + 1] - t).to(device),
             heads=heads,
