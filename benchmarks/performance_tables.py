@@ -101,15 +101,17 @@ def profile_bound(entry: dict[str, Any]) -> dict[str, Any]:
     added = max(0.0, a["device_added_pct"])
     estimate = 100 * host_s / entry["train_step_s"]["upstream"] + added
     bound = 100 * host_s / (a["device_step_ms"]["upstream"] / 1000) + added
+    if bound > OVERHEAD_TARGET_PCT:
+        verdict = "not shown"
+    elif "patch_wall_s" in a:
+        verdict = "met"
+    else:
+        verdict = "under 1 % by cProfile only"
     return {
         "target_pct": OVERHEAD_TARGET_PCT,
         "estimate_pct": round(estimate, 2),
         "bound_pct": round(bound, 2),
-        "verdict": "not shown"
-        if bound > OVERHEAD_TARGET_PCT
-        else "met"
-        if "patch_wall_s" in a
-        else "under 1 % by cProfile only",
+        "verdict": verdict,
     }
 
 

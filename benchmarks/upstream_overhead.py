@@ -24,18 +24,18 @@ The adapter's overhead, settled two ways:
   seeded). Pairing cancels the drift that makes separate medians spread by +-10 %.
   ``--time-budget`` stops adding pairs once spent (the count is recorded).
 * ``attribution``: one patched-fused step under ``cProfile``: host seconds spent in
-  regclip's and the adapter's own Python (:data:`OURS`; not the harness that runs upstream's
-  loop in both modes), their
-  functions' own time plus the C calls they make directly (``regclip_read_wait_s``: the
-  part spent in the C methods that read device values, waiting included; a lower bound of
-  all reads, see :data:`DEVICE_READS`); and, on CUDA, the device time
-  of every kernel of one unpatched and one patched step (``torch.profiler``): their
-  difference is the device time the patch adds, the ``guard`` kernels' the fused loss's.
-  Without a profiler, :class:`PatchClock` times the patch's entry points whole on
-  :data:`CLOCKED` more steps (``patch_wall_s``): the loss call, the ``compute_log_prob``
-  wrapper less upstream's function, the metric flush, each started on a synchronised
-  device (scripts whose ``backward`` is ``inject`` are not clocked); this counts the Python of other
-  packages they call and their kernel launches, which ``cProfile``'s figure leaves out.
+  regclip's and the adapter's own Python (:data:`OURS`; not the harness that runs
+  upstream's loop in both modes), their functions' own time plus the C calls they make
+  directly (``regclip_read_wait_s``: the part spent in the C methods that read device
+  values, waiting included; a lower bound of all reads, see :data:`DEVICE_READS`); and, on
+  CUDA, the device time of every kernel of one unpatched and one patched step
+  (``torch.profiler``): their difference is the device time the patch adds, the ``guard``
+  kernels' the fused loss's. Without a profiler, :class:`PatchClock` times the patch's
+  entry points whole on :data:`CLOCKED` more steps (``patch_wall_s``): the loss call, the
+  ``compute_log_prob`` wrapper less upstream's function, the metric flush, each started on
+  a synchronised device (scripts whose ``backward`` is ``inject`` are not clocked). This
+  counts the Python of other packages they call and their kernel launches, which
+  ``cProfile``'s figure leaves out.
 
     # on the GPU machine (about 4 minutes on one H200)
     REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo@9745241 PYTHONPATH=src:. \\
