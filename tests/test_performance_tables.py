@@ -103,3 +103,17 @@ def test_profile_bound_takes_the_larger_host_figure():
     entry["attribution"]["patch_wall_s"] = 0.005
     assert pt.profile_bound(entry)["bound_pct"] == pytest.approx(0.5)  # cProfile's
     assert pt.profile_bound(entry)["verdict"] == "met"  # the wall time was measured
+
+
+def test_overhead_table_shows_the_wall_time_only_where_it_was_measured():
+    report = json.loads(pt.OVERHEAD.read_text())
+    sd3 = report["archs"]["sd3"]
+    older = {**sd3, "attribution": {k: v for k, v in sd3["attribution"].items()
+                                    if k not in ("patch_wall_s", "patch_wall_runs_s")}}  # fmt: skip
+    report["archs"] = {"sd3": sd3, "flux": older, "qwen": {"not_run": "no time"}}
+    header, _, *rows = pt.overhead_table(report).splitlines()
+    column = header.split(" | ").index("patch's calls timed whole (no profiler)")
+    cells = [row.split(" | ") for row in rows]
+    assert [len(c) for c in cells] == [len(header.split(" | "))] * 3
+    wall_ms = sd3["attribution"]["patch_wall_s"] * 1000
+    assert [c[column] for c in cells] == [f"{wall_ms:.1f} ms", "—", "—"]
