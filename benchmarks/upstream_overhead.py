@@ -35,7 +35,10 @@ The adapter's overhead, settled two ways:
   ``compute_log_prob`` wrapper less upstream's function, the metric flush, each started on
   a synchronised device (scripts whose ``backward`` is ``inject`` are not clocked). This
   counts the Python of other packages they call and their kernel launches, which
-  ``cProfile``'s figure leaves out.
+  ``cProfile``'s figure leaves out. The loss's backward runs outside those calls, inside
+  upstream's ``accelerator.backward``: :class:`LossBackwardClock` times it on as many steps
+  of each mode (``loss_backward_s``), from the loss to the SDE step's mean, so that the
+  patched figure is regclip's loss's backward and the unpatched one upstream's.
 
     # on the GPU machine (about 4 minutes on one H200)
     REGCLIP_FLOW_GRPO_SRC=/path/to/flow_grpo@9745241 PYTHONPATH=src:. \\
@@ -48,6 +51,7 @@ The adapter's overhead, settled two ways:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import functools
 import inspect
@@ -167,7 +171,37 @@ def paired_ratio(
     }
 
 
-class PatchClock:
+class _FunctionPatches:
+    """Plain functions replaced on their owners (a module, or a class for its methods)
+    while entered, and restored on exit. They must be replaced before the adapter installs,
+    so that it binds and calls the replacements."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def _replace(self, targets: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
+        """Replace each ``owner.name`` by ``wrap(function)``; every target is checked
+        first, so a refused one leaves nothing replaced."""
+        found = []
+        for owner, name, wrap in targets:
+            fn = vars(owner).get(name)
+            if not inspect.isfunction(fn):
+                raise TypeError(
+                    f"{type(self).__name__} wraps plain functions; {owner.__name__}.{name} is "
+                    f"{type(fn).__name__}"
+                )
+            found.append((owner, name, fn, wrap))
+        for owner, name, fn, wrap in found:
+            self._saved.append((owner, name, fn))
+            setattr(owner, name, functools.wraps(fn)(wrap(fn)))
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, fn in reversed(self._saved):
+            setattr(owner, name, fn)
+        self._saved.clear()
+
+
+class PatchClock(_FunctionPatches):
     """Host seconds the patch spends inside steps, timed without a profiler.
 
     ``ours`` are callables of the patch (owner, attribute name), ``theirs`` upstream's
@@ -181,10 +215,10 @@ class PatchClock:
     its own kernels only, not for upstream's work queued before it (a wait upstream's code
     would pay a moment later anyway). :attr:`seconds` accumulates until reset.
 
-    Owners hold plain functions (a module's, or a class's methods); they must be patched
-    before the adapter installs, so that it binds and calls the wrappers. A function that
-    reads its caller's frame sees the wrapper's: the adapter does in the scripts whose
-    ``backward`` is ``inject``, which therefore cannot be clocked."""
+    The backward of the patch's loss runs inside upstream's ``Accelerator.backward``, not in
+    these calls: :class:`LossBackwardClock` times it. A function that reads its caller's
+    frame sees the wrapper's: the adapter does in the scripts whose ``backward`` is
+    ``inject``, which therefore cannot be clocked."""
 
     def __init__(
         self,
@@ -192,15 +226,14 @@ class PatchClock:
         theirs: list[tuple[Any, str]],
         sync: Callable[[], None] = lambda: None,
     ) -> None:
+        super().__init__()
         self.ours, self.theirs, self.sync = ours, theirs, sync
         self.seconds = 0.0
         self._depth = 0  # calls of ours now on the stack
-        self._saved: list[tuple[Any, str, Any]] = []
 
     def _wrap(self, fn: Callable[..., Any], mine: bool) -> Callable[..., Any]:
         clock = self
 
-        @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
             counted = clock._depth == 0 if mine else clock._depth > 0
             if mine and counted:
@@ -218,25 +251,70 @@ class PatchClock:
         return timed
 
     def __enter__(self) -> PatchClock:
-        found = []
-        for targets, mine in ((self.ours, True), (self.theirs, False)):
-            for owner, name in targets:
-                fn = vars(owner).get(name)
-                if not inspect.isfunction(fn):
-                    raise TypeError(
-                        f"PatchClock wraps plain functions; {owner.__name__}.{name} is "
-                        f"{type(fn).__name__}"
-                    )
-                found.append((owner, name, fn, mine))
-        for owner, name, fn, mine in found:  # all checked first: nothing to undo on error
-            self._saved.append((owner, name, fn))
-            setattr(owner, name, self._wrap(fn, mine))
+        self._replace(
+            [(owner, name, functools.partial(self._wrap, mine=True)) for owner, name in self.ours]
+            + [(owner, name, functools.partial(self._wrap, mine=False))
+               for owner, name in self.theirs]
+        )  # fmt: skip
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        for owner, name, fn in reversed(self._saved):
-            setattr(owner, name, fn)
-        self._saved.clear()
+
+class LossBackwardClock(_FunctionPatches):
+    """Host seconds of the loss's backward in upstream's step, timed without a profiler.
+
+    The span runs from autograd's start on the loss handed to ``accelerator.backward``
+    (a hook on that tensor) to the moment the gradient of the SDE step's mean is complete
+    (a hook on the third output of upstream's ``compute_log_prob``, ``prev_sample_mean``).
+    Autograd runs a node only once its output's gradient is complete, so the span holds the
+    nodes between the two and nothing of the transformer's backward: unpatched, upstream's
+    ratio, clipping and log-prob formula; patched, regclip's loss (upstream's loss is then
+    computed but not differentiated). ``sync`` runs before each backward, untimed, so the
+    span is host time plus any read of the loss's own kernels. :attr:`seconds` accumulates
+    until reset; a backward whose span did not close (no hooked mean reached) adds nothing.
+
+    ``accelerator`` is the class whose ``backward`` the step calls (patched, through the
+    adapter's subclass), ``module`` upstream's script module holding ``compute_log_prob``."""
+
+    def __init__(self, accelerator: type, module: Any, sync: Callable[[], None]) -> None:
+        super().__init__()
+        self.accelerator, self.module, self.sync = accelerator, module, sync
+        self.seconds = 0.0
+        self._start: float | None = None
+        self._end: float | None = None
+
+    def _mark_start(self, grad: torch.Tensor) -> None:
+        self._start = time.perf_counter()
+
+    def _mark_end(self, grad: torch.Tensor) -> None:
+        self._end = time.perf_counter()
+
+    def _hooking(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if out[2].requires_grad:
+                out[2].register_hook(self._mark_end)
+            return out
+
+        return hooked
+
+    def _timing(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(accelerator: Any, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.sync()
+            self._start = self._end = None
+            loss.register_hook(self._mark_start)
+            result = fn(accelerator, loss, *args, **kwargs)
+            if self._start is not None and self._end is not None:
+                self.seconds += self._end - self._start
+            return result
+
+        return timed
+
+    def __enter__(self) -> LossBackwardClock:
+        self._replace([
+            (self.accelerator, "backward", self._timing),
+            (self.module, "compute_log_prob", self._hooking),
+        ])  # fmt: skip
+        return self
 
 
 DEVICE_READS = ("cpu", "item", "tolist", "numpy", "nonzero")
@@ -285,11 +363,14 @@ def kernel_ms(device: torch.device, fn: Callable[[], Any]) -> dict[str, float]:
 
 
 def attribute(
-    device: torch.device, step: Callable[[str], Any], clock: PatchClock | None = None
+    device: torch.device,
+    step: Callable[[str], Any],
+    clocks: tuple[PatchClock, LossBackwardClock] | None = None,
 ) -> dict[str, Any]:
     """Where the patch's time goes in one step (module docstring: ``attribution``); with
-    ``clock``, also the patch's unprofiled host seconds of :data:`CLOCKED` patched steps
-    (``patch_wall_s``: their median)."""
+    ``clocks``, also, without a profiler, the patch's host seconds of :data:`CLOCKED`
+    patched steps (``patch_wall_s``: their median) and the loss's backward in as many
+    steps of each mode (``loss_backward_s``: medians)."""
     profiler = cProfile.Profile()
     _sync(device)
     start = time.perf_counter()
@@ -306,15 +387,21 @@ def attribute(
         "regclip_read_wait_s": round(host_seconds_in(stats, OURS, DEVICE_READS), 4),
         "regclip_host_pct": round(100 * host / wall, 2),
     }
-    if clock is not None:
-        walls = []
+    if clocks is not None:
+        clock, backward = clocks
+        walls: list[float] = []
+        backwards: dict[str, list[float]] = {mode: [] for mode in PAIRED}
         for _ in range(CLOCKED):
-            clock.seconds = 0.0
-            with clock:
-                step(PAIRED[1])
+            for mode in PAIRED:
+                clock.seconds = backward.seconds = 0.0
+                patch = clock if mode == PAIRED[1] else contextlib.nullcontext()
+                with backward, patch:
+                    step(mode)
+                backwards[mode].append(backward.seconds)
             walls.append(clock.seconds)
         out["patch_wall_s"] = round(statistics.median(walls), 4)
         out["patch_wall_runs_s"] = [round(w, 4) for w in walls]
+        out["loss_backward_s"] = {m: round(statistics.median(v), 5) for m, v in backwards.items()}
     if device.type == "cuda":
         kernels = {mode: kernel_ms(device, lambda mode=mode: step(mode)) for mode in PAIRED}
         base, patched = (sum(kernels[m].values()) for m in PAIRED)
@@ -453,13 +540,16 @@ def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
     }
     if paired:
         result["paired_ratio"] = {"patched": PAIRED[1], **paired_ratio(paired)}
-        clock = PatchClock(
-            ours=[(FlowGRPOAdapter, "replace_loss"), (FlowGRPOAdapter, "_compute_log_prob"),
-                  (MetricLog, "flush")],
-            theirs=[(up.train_module, "compute_log_prob")],
-            sync=lambda: _sync(device),
+        clocks = (
+            PatchClock(
+                ours=[(FlowGRPOAdapter, "replace_loss"), (FlowGRPOAdapter, "_compute_log_prob"),
+                      (MetricLog, "flush")],
+                theirs=[(up.train_module, "compute_log_prob")],
+                sync=lambda: _sync(device),
+            ),
+            LossBackwardClock(Accelerator, up.train_module, sync=lambda: _sync(device)),
         ) if up.spec.backward == "accelerator" else None  # fmt: skip
-        result["attribution"] = attribute(device, step, clock)
+        result["attribution"] = attribute(device, step, clocks)
     return result
 
 

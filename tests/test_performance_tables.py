@@ -65,6 +65,18 @@ def test_overhead_verdict_follows_the_interval(ci95: list[float], verdict: str):
     assert target["verdict"] == verdict and target["median_pct"] == 0.8
 
 
+def _overhead(**attribution: Any) -> dict[str, Any]:
+    """An overhead entry: a 2.5 s unpatched step of 2 s kernel time, and ``attribution``."""
+    return {
+        "paired_ratio": {"patched": "grpo_guard_fused", "median": 1.0, "ci95": [0.99, 1.01],
+                         "pairs": 20},
+        "attribution": {"device_step_ms": {"upstream": 2000.0}, "device_added_pct": 0.0,
+                        "fused_loss_kernels_ms": 0.06, "fused_loss_pct": 0.003, **attribution},
+        "train_step_s": {"upstream": 2.5},
+        "target": {"verdict": "not settled", "median_pct": 0.0, "ci95_pct": [-1.0, 1.0]},
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("host_s", "device_pct", "estimate", "bound", "verdict"),
     [
@@ -76,44 +88,37 @@ def test_overhead_verdict_follows_the_interval(ci95: list[float], verdict: str):
 def test_profile_bound_divides_host_time_by_the_kernel_time_floor(
     host_s: float, device_pct: float, estimate: float, bound: float, verdict: str
 ):
-    entry = {
-        "attribution": {
-            "regclip_host_s": host_s,
-            "device_added_pct": device_pct,
-            "device_step_ms": {"upstream": 2000.0},
-        },
-        "train_step_s": {"upstream": 2.5},
-    }
-    target = pt.profile_bound(entry)
+    target = pt.profile_bound(_overhead(regclip_host_s=host_s, device_added_pct=device_pct))
     assert target["estimate_pct"] == pytest.approx(estimate)
     assert target["bound_pct"] == pytest.approx(bound) and target["verdict"] == verdict
 
 
-def test_profile_bound_takes_the_larger_host_figure():
-    entry = {
-        "attribution": {
-            "regclip_host_s": 0.01,
-            "patch_wall_s": 0.03,
-            "device_added_pct": 0.0,
-            "device_step_ms": {"upstream": 2000.0},
-        },
-        "train_step_s": {"upstream": 2.5},
-    }
-    assert pt.profile_bound(entry)["bound_pct"] == pytest.approx(1.5)  # the wall time's
-    entry["attribution"]["patch_wall_s"] = 0.005
-    assert pt.profile_bound(entry)["bound_pct"] == pytest.approx(0.5)  # cProfile's
-    assert pt.profile_bound(entry)["verdict"] == "met"  # the wall time was measured
+def test_profile_bound_takes_the_larger_host_figure_and_says_what_it_lacks():
+    backward = {"upstream": 0.002, "grpo_guard_fused": 0.004}
+    full = _overhead(regclip_host_s=0.01, patch_wall_s=0.012, loss_backward_s=backward)
+    assert pt.profile_bound(full)["bound_pct"] == pytest.approx(0.8)  # 12 ms + the patched 4
+    assert pt.profile_bound(full)["verdict"] == "met"
+    full["attribution"]["regclip_host_s"] = 0.018
+    assert pt.profile_bound(full)["bound_pct"] == pytest.approx(0.9)  # cProfile's
+    no_backward = _overhead(regclip_host_s=0.01, patch_wall_s=0.012)
+    assert pt.profile_bound(no_backward)["bound_pct"] == pytest.approx(0.6)
+    assert pt.profile_bound(no_backward)["verdict"] == "under 1 % without the loss's backward"
+    over = _overhead(regclip_host_s=0.01, patch_wall_s=0.017, loss_backward_s=backward)
+    assert pt.profile_bound(over)["verdict"] == "not shown"  # 1.05 %
 
 
-def test_overhead_table_shows_the_wall_time_only_where_it_was_measured():
-    report = json.loads(pt.OVERHEAD.read_text())
-    sd3 = report["archs"]["sd3"]
-    older = {**sd3, "attribution": {k: v for k, v in sd3["attribution"].items()
-                                    if k not in ("patch_wall_s", "patch_wall_runs_s")}}  # fmt: skip
-    report["archs"] = {"sd3": sd3, "flux": older, "qwen": {"not_run": "no time"}}
+def test_overhead_table_shows_the_unprofiled_figures_only_where_measured():
+    full = _overhead(regclip_host_s=0.01, patch_wall_s=0.012,
+                     loss_backward_s={"upstream": 0.002, "grpo_guard_fused": 0.004})  # fmt: skip
+    wall_only = _overhead(regclip_host_s=0.01, patch_wall_s=0.012)
+    report = {"archs": {"sd3": full, "flux": wall_only, "qwen": {"not_run": "no time"}}}
+    for entry in (full, wall_only):
+        entry["target_profile"] = pt.profile_bound(entry)
     header, _, *rows = pt.overhead_table(report).splitlines()
-    column = header.split(" | ").index("patch's calls timed whole (no profiler)")
+    names = header.split(" | ")
     cells = [row.split(" | ") for row in rows]
-    assert [len(c) for c in cells] == [len(header.split(" | "))] * 3
-    wall_ms = sd3["attribution"]["patch_wall_s"] * 1000
-    assert [c[column] for c in cells] == [f"{wall_ms:.1f} ms", "—", "—"]
+    assert [len(c) for c in cells] == [len(names)] * 3
+    wall = names.index("patch's calls timed whole (no profiler)")
+    backward = names.index("loss backward, host (upstream's)")
+    assert [c[wall] for c in cells] == ["12.0 ms", "12.0 ms", "—"]
+    assert [c[backward] for c in cells] == ["4.00 ms (2.00 ms)", "—", "—"]

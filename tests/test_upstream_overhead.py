@@ -14,6 +14,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 from _upstream import skip_on_missing_dependency, upstream_checkout
 
@@ -107,6 +108,9 @@ def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path: Path) -> None:
         assert 0 < attribution["regclip_host_s"] < attribution["profiled_step_s"]
         assert 0 < attribution["regclip_host_pct"] < 100
         assert 0 < attribution["patch_wall_s"] < attribution["profiled_step_s"]
+        assert set(attribution["loss_backward_s"]) == {"upstream", "grpo_guard_fused"}
+        assert all(0 < s < attribution["profiled_step_s"]
+                   for s in attribution["loss_backward_s"].values())  # fmt: skip
 
 
 def _work() -> int:
@@ -168,3 +172,52 @@ def test_patch_clock_refuses_what_it_cannot_wrap_and_patches_nothing() -> None:
     with pytest.raises(TypeError, match=r"_Descriptors\.made is classmethod"):
         clock.__enter__()
     assert vars(_Descriptors)["plain"] is plain and clock.seconds == 0.0
+
+
+class _Busy(torch.autograd.Function):
+    """Identity whose backward spends ``seconds``."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, seconds: float) -> torch.Tensor:
+        ctx.seconds = seconds  # type: ignore[attr-defined]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        _busy(ctx.seconds)  # type: ignore[attr-defined]
+        return grad, None
+
+
+class _Accelerator:
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / 2).backward()
+
+
+def _compute_log_prob(x: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+    return None, None, _Busy.apply(x, 0.03)  # the mean; its own backward is the model's
+
+
+_SCRIPT = ModuleType("script_stand_in")
+_SCRIPT.compute_log_prob = _compute_log_prob  # type: ignore[attr-defined]
+
+
+def test_loss_backward_clock_times_from_the_loss_to_the_mean_only() -> None:
+    original = (vars(_Accelerator)["backward"], _compute_log_prob)
+    syncs: list[float] = []
+
+    def sync() -> None:  # untimed, or the first span would be over 0.05
+        syncs.append(clock.seconds)
+        _busy(0.05)
+
+    clock = upstream_overhead.LossBackwardClock(_Accelerator, _SCRIPT, sync=sync)
+    x = torch.ones(3, requires_grad=True)
+    with clock:
+        mean = _SCRIPT.compute_log_prob(x)[2]
+        _Accelerator().backward(_Busy.apply(mean, 0.02).sum())  # the loss's backward: 0.02
+        assert 0.02 <= clock.seconds < 0.03  # not the mean's own backward (0.03), nor the sync
+        with torch.no_grad():
+            _SCRIPT.compute_log_prob(x)  # no graph: nothing hooked
+        _Accelerator().backward(_Busy.apply(x, 0.02).sum())  # never reaches a hooked mean
+        assert 0.02 <= clock.seconds < 0.03
+    assert syncs == [0.0, clock.seconds]  # before each backward, untimed
+    assert (vars(_Accelerator)["backward"], _SCRIPT.compute_log_prob) == original  # restored
