@@ -26,7 +26,7 @@ OVERHEAD = ROOT / "benchmarks" / "results" / "upstream_overhead.json"
 DOC = ROOT / "docs" / "performance.md"
 
 SPEEDUP_TARGETS = {"train_step": 1.3, "iteration": 1.15}  # regclip throughput / upstream's
-PAIRED_BASE = "upstream"  # the unpatched side of the overhead benchmark's pairs
+UNPATCHED = "upstream"  # the unpatched side of the overhead benchmark's pairs
 OVERHEAD_TARGET_PCT = 1.0  # the patched step at most 1 % slower than the unpatched one
 NAMES = {"sd3": "SD3.5-M", "flux": "FLUX.1-dev"}
 LEVERS = {
@@ -83,27 +83,27 @@ def overhead_target(paired: dict[str, Any]) -> dict[str, Any]:
 def profile_bound(entry: dict[str, Any]) -> dict[str, Any]:
     """The <= 1 % target against the profiler's attribution of one architecture's overhead
     entry. What the patch adds is host time and the device time ``d`` (% of the kernel
-    time, counted when positive). The host part ``h`` is the larger of two figures:
-    regclip's and the adapter's functions' own time plus the C calls they make directly,
-    under ``cProfile`` (which slows Python down, but leaves out the Python of other
-    packages they call: torch's wrappers, Triton's launcher); and, where recorded, the
-    patch's time without a profiler: its entry points timed whole (``patch_wall_s``,
-    everything they run, launches included) plus its loss's backward
-    (``loss_backward_s``, patched mode). Nothing the patch saves (the backward of
-    upstream's loss, which ``accelerator.backward`` no longer runs) is subtracted. As a
-    share of the step, ``h`` is divided by the unpatched step's time without a profiler,
-    ``T`` (one unpaired run, as noisy as the pairs), or by the step's kernel time ``K``,
-    which a step on one stream cannot be shorter than: the bound is
-    ``100 h / K + max(0, d)``, the estimate ``100 h / T + max(0, d)``. Met when the bound
-    is at or under 1 % and ``h`` includes both unprofiled figures; at or under 1 % with
-    less, it says what is missing ("under 1 % by cProfile only", "under 1 % without the
-    loss's backward"); over 1 % the profile shows nothing either way ("not shown")."""
+    time, counted when positive). The host part is ``h = max(c, w) + b``: ``c`` regclip's
+    and the adapter's functions' own time plus the C calls they make directly, under
+    ``cProfile`` (which slows Python down, but leaves out the Python of other packages
+    they call: torch's wrappers, Triton's launcher; and autograd's thread, where the loss's
+    backward runs on CUDA); where recorded, ``w`` the patch's entry points timed whole
+    without a profiler (``patch_wall_s``: everything they run, launches included) and ``b``
+    its loss's backward (``loss_backward_s`` of the patched mode), else 0. Nothing the
+    patch saves (the backward of upstream's loss, which ``accelerator.backward`` no longer
+    runs) is subtracted. As a share of the step, ``h`` is divided by the unpatched step's
+    time without a profiler, ``T`` (one unpaired run, as noisy as the pairs), or by the
+    step's kernel time ``K``, which a step on one stream cannot be shorter than: the bound
+    is ``100 h / K + max(0, d)``, the estimate ``100 h / T + max(0, d)``. Met when the
+    bound is at or under 1 % and both unprofiled figures were recorded; at or under 1 %
+    with less, it says what is missing ("under 1 % by cProfile only", "under 1 % without
+    the loss's backward"); over 1 % the profile shows nothing either way ("not shown")."""
     a, patched = entry["attribution"], entry["paired_ratio"]["patched"]
-    unprofiled = a.get("patch_wall_s", 0.0) + a.get("loss_backward_s", {}).get(patched, 0.0)
-    host_s = max(a["regclip_host_s"], unprofiled)
+    backward_s = a.get("loss_backward_s", {}).get(patched, 0.0)
+    host_s = max(a["regclip_host_s"], a.get("patch_wall_s", 0.0)) + backward_s
     added = max(0.0, a["device_added_pct"])
-    estimate = 100 * host_s / entry["train_step_s"]["upstream"] + added
-    bound = 100 * host_s / (a["device_step_ms"]["upstream"] / 1000) + added
+    estimate = 100 * host_s / entry["train_step_s"][UNPATCHED] + added
+    bound = 100 * host_s / (a["device_step_ms"][UNPATCHED] / 1000) + added
     if bound > OVERHEAD_TARGET_PCT:
         verdict = "not shown"
     elif "patch_wall_s" not in a:
@@ -248,7 +248,7 @@ def overhead_table(report: dict[str, Any]) -> str:
             f"{a['regclip_host_s'] * 1000:.1f} ms",
             f"{a['patch_wall_s'] * 1000:.1f} ms" if "patch_wall_s" in a else "—",
             f"{a['loss_backward_s'][p['patched']] * 1000:.2f} ms "
-            f"({a['loss_backward_s'][PAIRED_BASE] * 1000:.2f} ms)"
+            f"({a['loss_backward_s'][UNPATCHED] * 1000:.2f} ms)"
             if "loss_backward_s" in a
             else "—",
             f"{a['device_added_pct']:.3f} %",
@@ -263,7 +263,7 @@ def overhead_table(report: dict[str, Any]) -> str:
     header = [
         "script", "pairs", "patched / unpatched (median)", "95 % interval",
         "host time in regclip code (cProfile)", "patch's calls timed whole (no profiler)",
-        "loss backward, host (upstream's)",
+        "loss backward, host: patched (unpatched)",
         "device time added",
         "fused loss kernels", "≤ 1 % target, timed pairs", "≤ 1 % target, profile bound",
     ]  # fmt: skip

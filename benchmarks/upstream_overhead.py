@@ -63,7 +63,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -80,7 +80,8 @@ MODES = ("upstream", "grpo_guard", "grpo_guard_fused")
 PAIRED = ("upstream", "grpo_guard_fused")
 BOOTSTRAP = 2000
 CLOCKED = 3
-"""Patched steps timed by :class:`PatchClock` for the attribution."""
+"""Steps of each paired mode timed without a profiler for the attribution
+(:class:`PatchClock`: the patched ones; :class:`LossBackwardClock`: both)."""
 OURS = tuple(
     str(ROOT / part)
     for part in ("src/regclip/", "integrations/common.py", "integrations/flow_grpo/adapter.py")
@@ -171,19 +172,26 @@ def paired_ratio(
     }
 
 
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+_Patches = TypeVar("_Patches", bound="_FunctionPatches")
+
+
 class _FunctionPatches:
     """Plain functions replaced on their owners (a module, or a class for its methods)
-    while entered, and restored on exit. They must be replaced before the adapter installs,
-    so that it binds and calls the replacements."""
+    while entered, and restored on exit: each ``(owner, name, wrap)`` of :meth:`_targets`
+    puts ``wrap(function)`` in the function's place. They must be replaced before the
+    adapter installs, so that it binds and calls the replacements."""
 
     def __init__(self) -> None:
         self._saved: list[tuple[Any, str, Any]] = []
 
-    def _replace(self, targets: list[tuple[Any, str, Callable[[Any], Any]]]) -> None:
-        """Replace each ``owner.name`` by ``wrap(function)``; every target is checked
-        first, so a refused one leaves nothing replaced."""
+    def _targets(self) -> list[tuple[Any, str, Wrap]]:
+        raise NotImplementedError
+
+    def __enter__(self: _Patches) -> _Patches:
+        """Every target is checked first, so a refused one leaves nothing replaced."""
         found = []
-        for owner, name, wrap in targets:
+        for owner, name, wrap in self._targets():
             fn = vars(owner).get(name)
             if not inspect.isfunction(fn):
                 raise TypeError(
@@ -194,6 +202,7 @@ class _FunctionPatches:
         for owner, name, fn, wrap in found:
             self._saved.append((owner, name, fn))
             setattr(owner, name, functools.wraps(fn)(wrap(fn)))
+        return self
 
     def __exit__(self, *exc: object) -> None:
         for owner, name, fn in reversed(self._saved):
@@ -250,13 +259,12 @@ class PatchClock(_FunctionPatches):
 
         return timed
 
-    def __enter__(self) -> PatchClock:
-        self._replace(
-            [(owner, name, functools.partial(self._wrap, mine=True)) for owner, name in self.ours]
-            + [(owner, name, functools.partial(self._wrap, mine=False))
-               for owner, name in self.theirs]
-        )  # fmt: skip
-        return self
+    def _targets(self) -> list[tuple[Any, str, Wrap]]:
+        return [
+            (owner, name, functools.partial(self._wrap, mine=mine))
+            for targets, mine in ((self.ours, True), (self.theirs, False))
+            for owner, name in targets
+        ]
 
 
 class LossBackwardClock(_FunctionPatches):
@@ -266,33 +274,43 @@ class LossBackwardClock(_FunctionPatches):
     (a hook on that tensor) to the moment the gradient of the SDE step's mean is complete
     (a hook on the third output of upstream's ``compute_log_prob``, ``prev_sample_mean``).
     Autograd runs a node only once its output's gradient is complete, so the span holds the
-    nodes between the two and nothing of the transformer's backward: unpatched, upstream's
-    ratio, clipping and log-prob formula; patched, regclip's loss (upstream's loss is then
-    computed but not differentiated). ``sync`` runs before each backward, untimed, so the
-    span is host time plus any read of the loss's own kernels. :attr:`seconds` accumulates
-    until reset; a backward whose span did not close (no hooked mean reached) adds nothing.
+    nodes between the two and nothing of the transformer's backward, provided every path
+    from the loss to the model passes through that one mean, as in ``train_sd3.py`` and
+    ``train_flux.py`` (the log-prob is computed from it; the reference pass of ``beta > 0``
+    runs without a graph). Unpatched, the span is upstream's ratio, clipping and log-prob
+    formula; patched, regclip's loss (upstream's loss is then computed but not
+    differentiated). ``sync`` runs before each backward, untimed, so the span is host time
+    plus any read of the loss's own kernels. :attr:`seconds` accumulates until reset;
+    :attr:`calls` counts backward calls and :attr:`spans` those that reached exactly one
+    hooked mean, the only ones counted.
 
     ``accelerator`` is the class whose ``backward`` the step calls (patched, through the
     adapter's subclass), ``module`` upstream's script module holding ``compute_log_prob``."""
 
-    def __init__(self, accelerator: type, module: Any, sync: Callable[[], None]) -> None:
+    def __init__(
+        self, accelerator: type, module: Any, sync: Callable[[], None] = lambda: None
+    ) -> None:
         super().__init__()
         self.accelerator, self.module, self.sync = accelerator, module, sync
-        self.seconds = 0.0
+        self.seconds, self.calls, self.spans = 0.0, 0, 0
         self._start: float | None = None
-        self._end: float | None = None
+        self._ends: list[float] = []
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self.spans = 0.0, 0, 0
 
     def _mark_start(self, grad: torch.Tensor) -> None:
         self._start = time.perf_counter()
 
     def _mark_end(self, grad: torch.Tensor) -> None:
-        self._end = time.perf_counter()
+        self._ends.append(time.perf_counter())
 
     def _hooking(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def hooked(*args: Any, **kwargs: Any) -> Any:
             out = fn(*args, **kwargs)
-            if out[2].requires_grad:
-                out[2].register_hook(self._mark_end)
+            _, _, prev_sample_mean, *_ = out
+            if prev_sample_mean.requires_grad:
+                prev_sample_mean.register_hook(self._mark_end)
             return out
 
         return hooked
@@ -300,21 +318,22 @@ class LossBackwardClock(_FunctionPatches):
     def _timing(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(accelerator: Any, loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.sync()
-            self._start = self._end = None
+            self._start, self._ends = None, []
             loss.register_hook(self._mark_start)
             result = fn(accelerator, loss, *args, **kwargs)
-            if self._start is not None and self._end is not None:
-                self.seconds += self._end - self._start
+            self.calls += 1
+            if self._start is not None and len(self._ends) == 1:
+                self.seconds += self._ends[0] - self._start
+                self.spans += 1
             return result
 
         return timed
 
-    def __enter__(self) -> LossBackwardClock:
-        self._replace([
+    def _targets(self) -> list[tuple[Any, str, Wrap]]:
+        return [
             (self.accelerator, "backward", self._timing),
             (self.module, "compute_log_prob", self._hooking),
-        ])  # fmt: skip
-        return self
+        ]
 
 
 DEVICE_READS = ("cpu", "item", "tolist", "numpy", "nonzero")
@@ -393,14 +412,21 @@ def attribute(
         backwards: dict[str, list[float]] = {mode: [] for mode in PAIRED}
         for _ in range(CLOCKED):
             for mode in PAIRED:
-                clock.seconds = backward.seconds = 0.0
+                clock.seconds = 0.0
+                backward.reset()
                 patch = clock if mode == PAIRED[1] else contextlib.nullcontext()
                 with backward, patch:
                     step(mode)
+                if backward.spans != backward.calls or not backward.calls:
+                    raise RuntimeError(
+                        f"LossBackwardClock: {backward.spans} of {backward.calls} backward "
+                        f"calls of a {mode} step ran from the loss to one hooked mean"
+                    )
                 backwards[mode].append(backward.seconds)
-            walls.append(clock.seconds)
-        out["patch_wall_s"] = round(statistics.median(walls), 4)
-        out["patch_wall_runs_s"] = [round(w, 4) for w in walls]
+                if patch is clock:
+                    walls.append(clock.seconds)
+        out["patch_wall_s"] = round(statistics.median(walls), 5)
+        out["patch_wall_runs_s"] = [round(w, 5) for w in walls]
         out["loss_backward_s"] = {m: round(statistics.median(v), 5) for m, v in backwards.items()}
     if device.type == "cuda":
         kernels = {mode: kernel_ms(device, lambda mode=mode: step(mode)) for mode in PAIRED}
@@ -547,7 +573,9 @@ def bench_upstream(arch: str, src: str | None, s: dict[str, Any], tiny: bool,
                 theirs=[(up.train_module, "compute_log_prob")],
                 sync=lambda: _sync(device),
             ),
-            LossBackwardClock(Accelerator, up.train_module, sync=lambda: _sync(device)),
+            LossBackwardClock(
+                up.train_module.Accelerator, up.train_module, sync=lambda: _sync(device)
+            ),
         ) if up.spec.backward == "accelerator" else None  # fmt: skip
         result["attribution"] = attribute(device, step, clocks)
     return result

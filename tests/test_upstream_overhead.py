@@ -190,7 +190,13 @@ class _Busy(torch.autograd.Function):
 
 class _Accelerator:
     def backward(self, loss: torch.Tensor) -> None:
+        _busy(0.015)  # the library's own work before autograd starts: not the loss's
         (loss / 2).backward()
+
+
+class _PatchedAccelerator(_Accelerator):  # as the adapter's subclass calls it
+    def backward(self, loss: torch.Tensor) -> None:
+        super().backward(loss * 1)
 
 
 def _compute_log_prob(x: torch.Tensor) -> tuple[None, None, torch.Tensor]:
@@ -212,12 +218,17 @@ def test_loss_backward_clock_times_from_the_loss_to_the_mean_only() -> None:
     clock = upstream_overhead.LossBackwardClock(_Accelerator, _SCRIPT, sync=sync)
     x = torch.ones(3, requires_grad=True)
     with clock:
-        mean = _SCRIPT.compute_log_prob(x)[2]
-        _Accelerator().backward(_Busy.apply(mean, 0.02).sum())  # the loss's backward: 0.02
-        assert 0.02 <= clock.seconds < 0.03  # not the mean's own backward (0.03), nor the sync
+        for accelerator in (_Accelerator(), _PatchedAccelerator()):
+            mean = _SCRIPT.compute_log_prob(x)[2]
+            accelerator.backward(_Busy.apply(mean, 0.02).sum())  # the loss's backward: 0.02
+        # each span 0.02: not the library's work before it (0.015), the mean's own backward
+        # (0.03) or the sync (0.05); both spans counted
+        assert 0.04 <= clock.seconds < 0.05 and clock.spans == clock.calls == 2
         with torch.no_grad():
             _SCRIPT.compute_log_prob(x)  # no graph: nothing hooked
         _Accelerator().backward(_Busy.apply(x, 0.02).sum())  # never reaches a hooked mean
-        assert 0.02 <= clock.seconds < 0.03
-    assert syncs == [0.0, clock.seconds]  # before each backward, untimed
+        assert 0.04 <= clock.seconds < 0.05 and (clock.spans, clock.calls) == (2, 3)
+    assert len(syncs) == 3 and syncs[0] == 0.0  # before each backward, untimed
     assert (vars(_Accelerator)["backward"], _SCRIPT.compute_log_prob) == original  # restored
+    clock.reset()
+    assert (clock.seconds, clock.spans, clock.calls) == (0.0, 0, 0)
