@@ -16,7 +16,7 @@ unpatched and patched (the mean recording), and regclip's own trainer (``regclip
 :class:`regclip.trainer.GRPOTrainer`, ``grpo_guard``) on the same model config, resolution,
 steps and batch. Writes compact JSON with the GPU name.
 
-The adapter's overhead, settled two ways:
+The adapter's overhead, measured two ways:
 
 * ``paired_ratio``: ``--pairs`` pairs of steps, unpatched and patched-fused back to back
   (order alternating, ``ABBA``), each pair's ratio patched / unpatched; the median ratio
