@@ -26,7 +26,8 @@ The adapter's overhead, measured two ways:
 * ``attribution``: one patched-fused step under ``cProfile``: host seconds spent in
   regclip's and the adapter's own Python (:data:`OURS`; not the harness that runs
   upstream's loop in both modes), their functions' own time plus the C calls they make
-  directly (``regclip_read_wait_s``: the part spent in the C methods that read device
+  directly (``heaviest_ms``: the :data:`HEAVIEST` functions with most of it;
+  ``regclip_read_wait_s``: the part spent in the C methods that read device
   values, waiting included; a lower bound of all reads, see :data:`DEVICE_READS`); and, on
   CUDA, the device time of every kernel of one unpatched and one patched step
   (``torch.profiler``): their difference is the device time the patch adds, the ``guard``
@@ -82,6 +83,8 @@ BOOTSTRAP = 2000
 CLOCKED = 3
 """Steps of each paired mode timed without a profiler for the attribution
 (:class:`PatchClock`: the patched ones; :class:`LossBackwardClock`: both)."""
+HEAVIEST = 10
+"""Functions of the patch listed by host time in the attribution (``heaviest_ms``)."""
 OURS = tuple(
     str(ROOT / part)
     for part in ("src/regclip/", "integrations/common.py", "integrations/flow_grpo/adapter.py")
@@ -342,14 +345,14 @@ DEVICE_READS = ("cpu", "item", "tolist", "numpy", "nonzero")
 them: their time is the calling function's own."""
 
 
-def host_seconds_in(
+def host_seconds_by_function(
     stats: pstats.Stats, roots: tuple[str, ...], c_methods: tuple[str, ...] | None = None
-) -> float:
-    """Seconds a profile spent in functions defined under ``roots``: their own time, plus
-    the time of C functions (``~`` in ``pstats``) on calls made directly from them. With
-    ``c_methods``, only the time of those methods' C calls made directly from ``roots``
-    (for :data:`DEVICE_READS`: a lower bound of the time spent reading device values,
-    waiting included)."""
+) -> dict[tuple[str, int, str], float]:
+    """Seconds a profile spent in each function defined under ``roots`` (``pstats``'s
+    ``(file, line, name)`` key): its own time, plus the time of C functions (``~`` in
+    ``pstats``) on calls made directly from it. With ``c_methods``, only the time of those
+    methods' C calls made directly from it (for :data:`DEVICE_READS`: a lower bound of the
+    time spent reading device values, waiting included)."""
 
     def ours(path: str) -> bool:
         return path.startswith(roots)
@@ -357,13 +360,39 @@ def host_seconds_in(
     def counted(name: str) -> bool:
         return c_methods is None or any(name.startswith(f"<method '{m}' ") for m in c_methods)
 
-    total = 0.0
-    for (path, _, name), (_, _, own, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+    seconds: dict[tuple[str, int, str], float] = {}
+    for key, (_, _, own, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        path, _, name = key
         if ours(path) and c_methods is None:
-            total += own
+            seconds[key] = seconds.get(key, 0.0) + own
         elif path == "~" and counted(name):
-            total += sum(edge[2] for caller, edge in callers.items() if ours(caller[0]))
-    return total
+            for caller, edge in callers.items():
+                if ours(caller[0]):
+                    seconds[caller] = seconds.get(caller, 0.0) + edge[2]
+    return seconds
+
+
+def host_seconds_in(
+    stats: pstats.Stats, roots: tuple[str, ...], c_methods: tuple[str, ...] | None = None
+) -> float:
+    """Seconds a profile spent in functions defined under ``roots``: the sum of
+    :func:`host_seconds_by_function`."""
+    return sum(host_seconds_by_function(stats, roots, c_methods).values())
+
+
+def heaviest_functions(
+    stats: pstats.Stats, roots: tuple[str, ...], count: int = HEAVIEST
+) -> dict[str, float]:
+    """The ``count`` functions under ``roots`` with the most host time
+    (:func:`host_seconds_by_function`), as ``"path:line name": milliseconds``, paths
+    relative to the repository where they lie in it, heaviest first."""
+    ranked = sorted(host_seconds_by_function(stats, roots).items(), key=lambda kv: -kv[1])
+    out = {}
+    for (path, line, name), seconds in ranked[:count]:
+        where = Path(path)
+        shown = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+        out[f"{shown}:{line} {name}"] = round(1000 * seconds, 3)
+    return out
 
 
 def kernel_ms(device: torch.device, fn: Callable[[], Any]) -> dict[str, float]:
@@ -405,6 +434,7 @@ def attribute(
         "regclip_host_s": round(host, 4),
         "regclip_read_wait_s": round(host_seconds_in(stats, OURS, DEVICE_READS), 4),
         "regclip_host_pct": round(100 * host / wall, 2),
+        "heaviest_ms": heaviest_functions(stats, OURS),
     }
     if clocks is not None:
         clock, backward = clocks

@@ -59,6 +59,35 @@ def test_host_seconds_count_our_functions_and_the_c_calls_they_make() -> None:
     assert upstream_overhead.host_seconds_in(stats, ("/nowhere/",)) == 0.0
 
 
+def _light() -> None:
+    _busy(0.01)
+
+
+def _heavy() -> None:
+    _busy(0.03)
+    sorted(range(10**5))  # a C call: counted to this function
+
+
+def test_host_time_is_split_by_function_and_the_heaviest_listed_first() -> None:
+    here = str(Path(__file__).resolve().parent)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    _light()
+    _heavy()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    by_function = upstream_overhead.host_seconds_by_function(stats, (here,))
+    assert sum(by_function.values()) == upstream_overhead.host_seconds_in(stats, (here,))
+    heaviest = upstream_overhead.heaviest_functions(stats, (here,), count=2)
+    names = list(heaviest)
+    assert len(names) == 2 and names[0].endswith(" _busy") and names[1].endswith(" _heavy")
+    assert names[1].startswith("tests/test_upstream_overhead.py:")  # relative to the repo
+    assert heaviest[names[0]] >= 40 and heaviest[names[1]] > 0  # ms; _busy's own 0.04 s
+    sort = [v for (_, _, n), v in stats.stats.items() if "sorted" in n]  # type: ignore[attr-defined]
+    heavy_own = [v for (_, _, n), v in stats.stats.items() if n == "_heavy"]  # type: ignore[attr-defined]
+    assert heaviest[names[1]] == pytest.approx(1000 * (heavy_own[0][2] + sort[0][2]), abs=1e-3)
+
+
 def test_read_wait_counts_only_device_reads_made_from_our_code() -> None:
     here = str(Path(__file__).resolve().parent)
     values = np.zeros(2 * 10**6)
@@ -108,6 +137,10 @@ def test_sd3_and_flux_overhead_benchmark_tiny_dry_run(tmp_path: Path) -> None:
         assert 0 < attribution["regclip_host_s"] < attribution["profiled_step_s"]
         assert 0 < attribution["regclip_host_pct"] < 100
         assert 0 < attribution["patch_wall_s"] < attribution["profiled_step_s"]
+        assert attribution["heaviest_ms"] and all(
+            where.startswith(("src/regclip/", "integrations/"))
+            for where in attribution["heaviest_ms"]
+        )
         assert set(attribution["loss_backward_s"]) == {"upstream", "grpo_guard_fused"}
         assert all(0 < s < attribution["profiled_step_s"]
                    for s in attribution["loss_backward_s"].values())  # fmt: skip
