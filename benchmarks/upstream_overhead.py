@@ -74,7 +74,7 @@ for path in (ROOT, ROOT / "src", ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from integrations.common import RegclipOptions  # noqa: E402
+from integrations.common import Patches, RegclipOptions  # noqa: E402
 from integrations.standins import install_standins  # noqa: E402
 
 MODES = ("upstream", "grpo_guard", "grpo_guard_fused")
@@ -182,11 +182,12 @@ _Patches = TypeVar("_Patches", bound="_FunctionPatches")
 class _FunctionPatches:
     """Plain functions replaced on their owners (a module, or a class for its methods)
     while entered, and restored on exit: each ``(owner, name, wrap)`` of :meth:`_targets`
-    puts ``wrap(function)`` in the function's place. They must be replaced before the
-    adapter installs, so that it binds and calls the replacements."""
+    puts ``wrap(function)`` in the function's place (through the adapters' own
+    :class:`~integrations.common.Patches`). They must be replaced before the adapter
+    installs, so that it binds and calls the replacements."""
 
     def __init__(self) -> None:
-        self._saved: list[tuple[Any, str, Any]] = []
+        self._patches = Patches()
 
     def _targets(self) -> list[tuple[Any, str, Wrap]]:
         raise NotImplementedError
@@ -203,14 +204,11 @@ class _FunctionPatches:
                 )
             found.append((owner, name, fn, wrap))
         for owner, name, fn, wrap in found:
-            self._saved.append((owner, name, fn))
-            setattr(owner, name, functools.wraps(fn)(wrap(fn)))
+            self._patches.set(owner, name, functools.wraps(fn)(wrap(fn)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for owner, name, fn in reversed(self._saved):
-            setattr(owner, name, fn)
-        self._saved.clear()
+        self._patches.undo()
 
 
 class PatchClock(_FunctionPatches):
