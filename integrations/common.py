@@ -13,6 +13,7 @@ import math
 import re
 import sys
 import textwrap
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -568,6 +569,23 @@ class LoggerProxy:
 
 
 # ----------------------------------------------------------------------------- patching
+
+
+@dataclass(frozen=True)
+class SeenTensor:
+    """A tensor an adapter has read to the host, held weakly (a freed tensor never matches
+    a new one) with its version counter (one written in place since no longer matches)."""
+
+    ref: weakref.ref[Tensor]
+    version: int
+
+    @classmethod
+    def of(cls, tensor: Tensor) -> SeenTensor:
+        return cls(weakref.ref(tensor), tensor._version)
+
+    def matches(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is the tensor seen, unwritten since."""
+        return self.ref() is tensor and self.version == tensor._version
 
 
 class Patches:

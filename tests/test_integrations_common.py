@@ -14,6 +14,7 @@ from integrations.common import (
     MetricLog,
     Patches,
     RegclipOptions,
+    SeenTensor,
     StopTraining,
     TransitionStore,
     UpstreamAdapter,
@@ -600,6 +601,17 @@ def test_metric_log_add_never_reads_a_value_on_the_host(monkeypatch):
     assert flushed == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
 
+def test_a_seen_tensor_matches_only_itself_unwritten():
+    tensor = torch.zeros(3)
+    seen = SeenTensor.of(tensor)
+    assert seen.matches(tensor) and not seen.matches(torch.zeros(3))
+    assert not seen.matches(tensor[:])  # a view is another tensor object
+    tensor.add_(1)  # written in place
+    assert not seen.matches(tensor)
+    del tensor  # freed: the weak reference holds nothing
+    assert seen.ref() is None
+
+
 def test_a_batch_schedule_is_for_its_tensors_until_one_is_written_in_place():
     from integrations.flow_grpo.adapter import _BatchSchedule
 
@@ -607,7 +619,7 @@ def test_a_batch_schedule_is_for_its_tensors_until_one_is_written_in_place():
     scheduler = SimpleNamespace(timesteps=torch.arange(3.0), sigmas=torch.linspace(1, 0, 4))
     empty, config = torch.empty(0), SimpleNamespace()
     schedule = _BatchSchedule(
-        _BatchSchedule.sources_of(_BatchSchedule.identity(sample, scheduler)),
+        tuple(SeenTensor.of(x) for x in _BatchSchedule.identity(sample, scheduler)),
         empty, empty, empty, config, regclip.GuardedPPOLoss(),
     )  # fmt: skip
     assert schedule.is_for(sample, scheduler, config)

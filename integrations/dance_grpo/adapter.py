@@ -36,7 +36,6 @@ import importlib
 import inspect
 import os
 import sys
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from regclip import DanceSDE, GuardedPPOLoss
 from ..common import (
     LoggerProxy,
     RegclipOptions,
+    SeenTensor,
     UpstreamAdapter,
     build_loss,
     inject_gradient,
@@ -219,8 +219,8 @@ class _BatchCopy:
 
     def __init__(self, read: Callable[[Tensor], Tensor]) -> None:
         self._read = read
-        self._source: weakref.ref[Tensor] | None = None
-        self._seen: tuple[int, torch.Size] | None = None  # the base's version, row shape
+        self._source: SeenTensor | None = None
+        self._row_shape: torch.Size | None = None
         self._rows: Tensor | None = None
 
     def __call__(self, view: Tensor) -> Tensor | None:
@@ -230,11 +230,10 @@ class _BatchCopy:
         if found is None:
             return None
         base, row_shape, start = found
-        seen = (base._version, row_shape)
-        fresh = self._source is not None and self._source() is base and self._seen == seen
-        if self._rows is None or not fresh:
+        fresh = self._source is not None and self._source.matches(base)
+        if self._rows is None or not fresh or self._row_shape != row_shape:
             self._rows = self._read(base.reshape(-1, *row_shape))
-            self._source, self._seen = weakref.ref(base), seen
+            self._source, self._row_shape = SeenTensor.of(base), row_shape
         return self._rows[start] if view.ndim == 0 else self._rows[start : start + len(view)]
 
 

@@ -43,7 +43,6 @@ import inspect
 import os
 import sys
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -58,6 +57,7 @@ from ..common import (
     IncompatibleUpstreamError,
     LoggerProxy,
     RegclipOptions,
+    SeenTensor,
     UpstreamAdapter,
     build_loss,
     inject_gradient,
@@ -414,7 +414,7 @@ class _BatchSchedule:
     (``train.clip_range``, ``beta``, ``adv_clip_max``) are read when a kernel's loss is
     first built, as :meth:`FlowGRPOAdapter._loss_fn` does."""
 
-    sources: tuple[tuple[weakref.ref[Tensor], int], ...]  # (tensor, its _version)
+    sources: tuple[SeenTensor, ...]  # the tensors of :meth:`identity`
     t: Tensor  # (B, T) float32, device
     dt: Tensor  # (B, T) float32, device
     heads: Tensor  # (B, T, key_size) float64, host
@@ -425,15 +425,10 @@ class _BatchSchedule:
     def identity(sample: dict[str, Tensor], scheduler: Any) -> tuple[Tensor, ...]:
         return sample["next_latents"], sample["timesteps"], scheduler.timesteps, scheduler.sigmas
 
-    @staticmethod
-    def sources_of(tensors: tuple[Tensor, ...]) -> tuple[tuple[weakref.ref[Tensor], int], ...]:
-        return tuple((weakref.ref(x), x._version) for x in tensors)
-
     def is_for(self, sample: dict[str, Tensor], scheduler: Any, config: Any) -> bool:
         now = self.identity(sample, scheduler)
         return self.config is config and all(
-            ref() is tensor and version == tensor._version
-            for (ref, version), tensor in zip(self.sources, now, strict=True)
+            seen.matches(tensor) for seen, tensor in zip(self.sources, now, strict=True)
         )
 
 
@@ -624,7 +619,7 @@ class FlowGRPOAdapter(UpstreamAdapter):
         t = sigmas[index]
         heads = self.store.heads(draws.flatten(0, 1)).view(*draws.shape[:2], -1)
         self._batch = _BatchSchedule(
-            sources=_BatchSchedule.sources_of(sources),
+            sources=tuple(SeenTensor.of(x) for x in sources),
             t=t.to(device),
             dt=(sigmas[index + 1] - t).to(device),
             heads=heads,
