@@ -35,6 +35,7 @@ __all__ = [
     "Patches",
     "PreparedLaunch",
     "RegclipOptions",
+    "SeenTensor",
     "StopTraining",
     "TransitionStore",
     "UpstreamAdapter",
