@@ -303,8 +303,9 @@ class TransitionStore:
         self.key_size = key_size
         self._rows: dict[bytes, dict[str, Tensor]] = {}
         self._pending: list[tuple[Tensor, dict[str, Tensor]]] = []  # (B, key_size), (B, ...)
-        self._heads: Tensor | None = None  # (N, key_size) float64, for the rounding fallback
-        self._head_keys: list[bytes] = []
+        # the rounding fallback, per low-precision dtype: (stored draws it covers, rounded
+        # key -> stored key, or None where two stored draws round alike)
+        self._rounded_keys: dict[torch.dtype, tuple[int, dict[bytes, bytes | None]]] = {}
 
     def __len__(self) -> int:
         self._settle()
@@ -313,8 +314,7 @@ class TransitionStore:
     def clear(self) -> None:
         self._rows.clear()
         self._pending.clear()
-        self._heads = None
-        self._head_keys = []
+        self._rounded_keys.clear()
 
     def _device_heads(self, draws: Tensor) -> Tensor:
         head = draws.detach().reshape(draws.shape[0], -1)[:, : self.key_size]
@@ -336,22 +336,23 @@ class TransitionStore:
                 self._rows[next(keys)] = {name: value[b] for name, value in values.items()}
         self._pending.clear()
 
-    def _rounded(self, heads: Tensor, dtype: torch.dtype, keys: list[bytes]) -> list[bytes]:
-        """Keys of the stored draws that equal the looked-up draws (key values ``heads``,
-        stored as ``dtype``) once rounded to ``dtype``: a pipeline may keep its latents in
-        bf16/fp16 after the fp32 step that drew them."""
-        if len(self._head_keys) != len(self._rows):
-            self._head_keys = list(self._rows)
-            stored = [torch.frombuffer(bytearray(k), dtype=torch.float64) for k in self._head_keys]
-            self._heads = torch.stack(stored) if stored else None
-        if self._heads is None:
-            return keys
-        rounded = self._heads.to(dtype).to(torch.float64)
-        found = []
-        for key, head in zip(keys, heads, strict=True):
-            match = (rounded == head).all(dim=1).nonzero()
-            found.append(self._head_keys[int(match[0])] if len(match) == 1 else key)
-        return found
+    def _rounded(self, dtype: torch.dtype, keys: list[bytes]) -> list[bytes]:
+        """Keys of the stored draws that equal the looked-up draws (their ``keys``, key values
+        of draws stored as ``dtype``) once rounded to ``dtype``: a pipeline may keep its
+        latents in bf16/fp16 after the fp32 step that drew them. A key that matches no stored
+        draw, or two, is returned unchanged (so the lookup reports it missing). The table of
+        rounded keys is built once per dtype and store content: a lookup is a dict read."""
+        size, table = self._rounded_keys.get(dtype, (-1, {}))
+        if size != len(self._rows):
+            stored = list(self._rows)
+            values = [torch.frombuffer(bytearray(k), dtype=torch.float64) for k in stored]
+            rounded = torch.stack(values).to(dtype).double() if values else torch.empty(0)
+            table = {}
+            for key, row in zip(stored, rounded.numpy(), strict=True):
+                row_key = row.tobytes()
+                table[row_key] = None if row_key in table else key
+            self._rounded_keys[dtype] = (len(stored), table)
+        return [table.get(key) or key for key in keys]
 
     def record(self, next_sample: Tensor, **per_sample: Tensor) -> None:
         """Store ``per_sample`` tensors ((B, ...) each) under the keys of ``next_sample``."""
@@ -374,7 +375,7 @@ class TransitionStore:
         keys = [row.tobytes() for row in heads.numpy()]
         low_precision = next_sample.dtype in (torch.bfloat16, torch.float16)
         if low_precision and any(key not in self._rows for key in keys):
-            keys = self._rounded(heads, next_sample.dtype, keys)
+            keys = self._rounded(next_sample.dtype, keys)
         missing = sum(key not in self._rows for key in keys)
         if missing:
             raise KeyError(

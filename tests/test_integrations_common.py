@@ -147,6 +147,23 @@ def test_store_finds_each_transition_by_its_draw_after_shuffling():
     assert len(store) == 0
 
 
+def test_store_rounding_fallback_refuses_ambiguous_draws_and_follows_new_records():
+    store = TransitionStore(device="cpu")
+    with pytest.raises(KeyError, match="0 stored"):  # an empty store has no rounded keys
+        store.lookup(torch.zeros(1, 3, 4, 4).bfloat16(), ["row"])
+    base = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    twin = base.clone()
+    twin.view(-1)[0] = torch.nextafter(base.view(-1)[0], torch.tensor(float("inf")))
+    store.record(torch.cat([base, twin]), row=torch.arange(2))
+    assert not torch.equal(base, twin) and torch.equal(base.bfloat16(), twin.bfloat16())
+    with pytest.raises(KeyError, match="1 of 1 transitions"):  # two stored draws round alike
+        store.lookup(base.bfloat16(), ["row"])
+    other = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    store.record(other, row=torch.tensor([7, 8]))  # recorded after the table was built
+    assert store.lookup(other.flip(0).bfloat16(), ["row"])["row"].tolist() == [8, 7]
+    assert store.lookup(other.half(), ["row"])["row"].tolist() == [7, 8]
+
+
 def test_injected_gradient_replaces_upstreams_even_when_upstream_clips():
     theta = torch.randn(5, requires_grad=True)
     value = (theta**2).sum(dim=0, keepdim=True)  # upstream's log-prob
