@@ -162,6 +162,10 @@ def test_store_rounding_fallback_refuses_ambiguous_draws_and_follows_new_records
     store.record(other, row=torch.tensor([7, 8]))  # recorded after the table was built
     assert store.lookup(other.flip(0).bfloat16(), ["row"])["row"].tolist() == [8, 7]
     assert store.lookup(other.half(), ["row"])["row"].tolist() == [7, 8]
+    store.clear()  # refilled to the same count: the old table must not survive
+    fresh = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    store.record(fresh, row=torch.arange(10, 14))
+    assert store.lookup(fresh.bfloat16(), ["row"])["row"].tolist() == [10, 11, 12, 13]
 
 
 def test_injected_gradient_replaces_upstreams_even_when_upstream_clips():
