@@ -241,6 +241,9 @@ class PatchClock(_FunctionPatches):
         self.seconds = 0.0
         self._depth = 0  # calls of ours now on the stack
 
+    def reset(self) -> None:
+        self.seconds = 0.0
+
     def _wrap(self, fn: Callable[..., Any], mine: bool) -> Callable[..., Any]:
         clock = self
 
@@ -440,7 +443,7 @@ def attribute(
         backwards: dict[str, list[float]] = {mode: [] for mode in PAIRED}
         for _ in range(CLOCKED):
             for mode in PAIRED:
-                clock.seconds = 0.0
+                clock.reset()
                 backward.reset()
                 patch = clock if mode == PAIRED[1] else contextlib.nullcontext()
                 with backward, patch:
